@@ -1,0 +1,130 @@
+"""Activation registry: sigma, sigma', and the bounds the theory needs.
+
+Each activation provides a fused ``value_and_derivative(z) -> (sigma(z), sigma'(z))`` that
+reuses shared work (e.g. ``tanh``: sigma' = 1 - sigma^2), and the constants
+``sup |sigma|`` and ``sup |sigma'|`` used by the LSI bounds of THEORY section 5
+(``None`` when unbounded). A user callable gets its derivative from autodiff.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import erf as _erf
+
+from mfld.errors import ConfigError
+
+_SQRT2 = math.sqrt(2.0)
+_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation function and its properties.
+
+    Attributes:
+        name: registry name (or the callable's ``__name__``).
+        fn: sigma, elementwise.
+        value_and_derivative: ``z -> (sigma(z), sigma'(z))``, fused.
+        sup: ``sup_z |sigma(z)|`` or ``None`` if unbounded.
+        dsup: ``sup_z |sigma'(z)|`` or ``None`` if unbounded.
+        odd: whether sigma(-z) = -sigma(z) (then the two sign groups of a fixed output
+            layer have equal partition functions, THEORY section 8).
+        analytic: False for user callables (derivative by autodiff).
+    """
+
+    name: str
+    fn: Callable
+    value_and_derivative: Callable
+    sup: float | None
+    dsup: float | None
+    odd: bool = False
+    analytic: bool = True
+
+    def derivative(self, z):
+        return self.value_and_derivative(z)[1]
+
+    def __call__(self, z):
+        return self.fn(z)
+
+
+def _tanh_vd(z):
+    s = jnp.tanh(z)
+    return s, 1.0 - s * s
+
+
+def _sigmoid_vd(z):
+    s = jax.nn.sigmoid(z)
+    return s, s * (1.0 - s)
+
+
+def _erf_vd(z):
+    return _erf(z), (2.0 / math.sqrt(math.pi)) * jnp.exp(-z * z)
+
+
+def _relu_vd(z):
+    return jnp.maximum(z, 0.0), (z > 0).astype(z.dtype)
+
+
+def _softplus_vd(z):
+    return jax.nn.softplus(z), jax.nn.sigmoid(z)
+
+
+def _gelu(z):
+    return 0.5 * z * (1.0 + _erf(z / _SQRT2))
+
+
+def _gelu_vd(z):
+    cdf = 0.5 * (1.0 + _erf(z / _SQRT2))
+    pdf = _INV_SQRT2PI * jnp.exp(-0.5 * z * z)
+    return z * cdf, cdf + z * pdf
+
+
+def _linear_vd(z):
+    return z, jnp.ones_like(z)
+
+
+# sup |gelu'(z)| = 1 + sqrt(2) * phi(sqrt(2)) ... attained at z = sqrt(2): cdf(sqrt2) + sqrt2 pdf(sqrt2)
+_GELU_DSUP = 0.5 * (1.0 + math.erf(1.0)) + _SQRT2 * _INV_SQRT2PI * math.exp(-1.0)
+
+ACTIVATIONS: dict[str, Activation] = {
+    "tanh": Activation("tanh", jnp.tanh, _tanh_vd, 1.0, 1.0, odd=True),
+    "sigmoid": Activation("sigmoid", jax.nn.sigmoid, _sigmoid_vd, 1.0, 0.25),
+    "erf": Activation("erf", _erf, _erf_vd, 1.0, 2.0 / math.sqrt(math.pi), odd=True),
+    "relu": Activation("relu", lambda z: jnp.maximum(z, 0.0), _relu_vd, None, 1.0),
+    "softplus": Activation("softplus", jax.nn.softplus, _softplus_vd, None, 1.0),
+    "gelu": Activation("gelu", _gelu, _gelu_vd, None, _GELU_DSUP),
+    "linear": Activation("linear", lambda z: z, _linear_vd, None, 1.0, odd=True),
+}
+
+
+def from_callable(fn: Callable, *, name: str | None = None, sup: float | None = None,
+                  dsup: float | None = None, odd: bool = False) -> Activation:
+    """Wrap a user-supplied elementwise activation; its derivative comes from autodiff.
+
+    ``sup``/``dsup`` are the bounds the theory module may use; leave them ``None`` unless
+    you know them (the LSI bound then refuses rather than guesses).
+    """
+
+    def vd(z):
+        flat = z.reshape(-1)
+        val, der = jax.vmap(jax.value_and_grad(fn))(flat)
+        return val.reshape(z.shape), der.reshape(z.shape)
+
+    return Activation(name or getattr(fn, "__name__", "custom"), fn, vd, sup, dsup, odd, analytic=False)
+
+
+def get_activation(spec) -> Activation:
+    """Look up an activation by name, or wrap a callable / pass through an Activation."""
+    if isinstance(spec, Activation):
+        return spec
+    if callable(spec):
+        return from_callable(spec)
+    if isinstance(spec, str) and spec in ACTIVATIONS:
+        return ACTIVATIONS[spec]
+    raise ConfigError("unknown activation", field="model.activation", value=spec,
+                      allowed=", ".join(ACTIVATIONS) + " or a callable")

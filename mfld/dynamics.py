@@ -1,0 +1,274 @@
+"""Particle state, the noisy-gradient-descent steppers and ``simulate`` (THEORY section 3).
+
+Noise/step convention (mean-field scaling), time ``t = step * eta``::
+
+    theta_i <- theta_i - eta * grad V_rho(theta_i) + sqrt(2 * eta * tau) * xi_i,  xi_i ~ N(0, I)
+
+where grad V_rho(theta_i) = N * dL/dtheta_i (the mean-field learning rate is N * eta on the
+raw parameters). Under NTK scaling the step is plain noisy gradient descent on the raw
+parameters, ``theta_i <- theta_i - eta * dL/dtheta_i + sqrt(2 * eta * tau / N) * xi_i``, with
+an O(1) step size ``eta`` (the standard NTK parameterisation); t = step * eta there too.
+
+Schemes:
+- ``euler``: the plain Euler-Maruyama step above (default).
+- ``ou``: Lie splitting -- the explicit interaction step, then the exact Ornstein-Uhlenbeck
+  step for the weight-decay part, ``theta <- e^{-lam eta} theta + sqrt(tau (1 - e^{-2 lam eta}) / lam) xi``.
+  Exact without signal and stable for any eta in the lambda part; its interaction bias is
+  O(eta) (THEORY section 3), so it is not the default.
+
+Randomness: the run's key is ``ParticleState.key``. The noise of step k is row i of
+``normal(fold_in(key, k), (N, D))``: with JAX's partitionable threefry (the default) row i
+depends only on (key, k, i) -- not on N beyond i, the chunking or the device count.
+Minibatch indices of step k derive from (key, k) too, so a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mfld import network
+from mfld.errors import ConfigError
+from mfld.problem import Problem
+
+SCHEMES = ("euler", "ou")
+TAU_SCHEDULES = ("constant", "log")
+
+
+class ParticleState(NamedTuple):
+    """The particles and the clock. The particle axis leads.
+
+    a: (N,) second-layer weights (the +-1 signs for a fixed output layer);
+    w: (N, p) first-layer weights; step: int32 scalar; key: typed PRNG key of the dynamics.
+    """
+
+    a: jax.Array
+    w: jax.Array
+    step: jax.Array
+    key: jax.Array
+
+
+class StepInfo(NamedTuple):
+    """Per-step scalars: the (batch) risk before the step and the temperature used."""
+
+    risk: jax.Array
+    tau: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Langevin:
+    """Noisy gradient descent with step size ``eta`` (a traced leaf).
+
+    scheme: ``euler`` or ``ou`` (see module docstring). batch_size: ``None`` for full batch,
+    else the minibatch size (sampled without replacement from (key, step)).
+    tau_schedule: ``constant`` or ``log`` -- annealing tau_t = tau / log(e + t) (Chizat 2022).
+    """
+
+    eta: float | jax.Array
+    scheme: str = field(default="euler", metadata=dict(static=True))
+    batch_size: int | None = field(default=None, metadata=dict(static=True))
+    tau_schedule: str = field(default="constant", metadata=dict(static=True))
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ConfigError("unknown scheme", field="dynamics.scheme", value=self.scheme,
+                              allowed=", ".join(SCHEMES))
+        if self.tau_schedule not in TAU_SCHEDULES:
+            raise ConfigError("unknown temperature schedule", field="dynamics.tau_schedule",
+                              value=self.tau_schedule, allowed=", ".join(TAU_SCHEDULES))
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise ConfigError("batch size must be positive", field="dynamics.batch_size",
+                              value=self.batch_size, allowed="a positive integer or null (full batch)")
+
+
+def temperature(problem: Problem, stepper: Langevin, t):
+    """tau at time t under the stepper's schedule."""
+    if stepper.tau_schedule == "log":
+        return problem.tau / jnp.log(math.e + t)
+    return jnp.asarray(problem.tau, dtype=jnp.result_type(float)) + 0.0 * t
+
+
+def dynamics_keys(seed: int):
+    """(init_key, dynamics_key) derived from one integer seed, as independent streams."""
+    base = jax.random.key(int(seed))
+    return jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
+
+
+def init_particles(problem: Problem, n_particles: int, seed: int = 0, *, a_scale: float = 1.0,
+                   w_scale: float = 1.0, plus_fraction: float = 0.5) -> ParticleState:
+    """Gaussian initialisation: a_i ~ N(0, a_scale^2), w_i ~ N(0, w_scale^2 I).
+
+    For a fixed output layer a_i = +1 for the first round(plus_fraction * N) particles and
+    -1 for the rest. The dtype follows the problem's data.
+    """
+    n_particles = int(n_particles)
+    if n_particles < 1:
+        raise ConfigError("need at least one particle", field="model.n_particles", value=n_particles,
+                          allowed="a positive integer")
+    init_key, dyn_key = dynamics_keys(seed)
+    ka, kw = jax.random.split(init_key)
+    dtype = problem.x.dtype
+    if problem.output == "fixed":
+        n_plus = int(round(plus_fraction * n_particles))
+        a = jnp.where(jnp.arange(n_particles) < n_plus, 1.0, -1.0).astype(dtype)
+    else:
+        a = a_scale * jax.random.normal(ka, (n_particles,), dtype)
+    w = w_scale * jax.random.normal(kw, (n_particles, problem.p), dtype)
+    return ParticleState(a, w, jnp.asarray(0, jnp.int32), dyn_key)
+
+
+def _batch(problem: Problem, stepper: Langevin, key):
+    if stepper.batch_size is None or stepper.batch_size >= problem.n:
+        return problem.x, problem.y
+    idx = jax.random.choice(key, problem.n, (stepper.batch_size,), replace=False)
+    return problem.x[idx], problem.y[idx]
+
+
+def step(problem: Problem, state: ParticleState, stepper: Langevin):
+    """One noisy gradient step. Returns ``(new_state, StepInfo)``. Pure and jittable."""
+    a, w = state.a, state.w
+    n_particles = a.shape[0]
+    kk = jax.random.fold_in(state.key, state.step)
+    xb, yb = _batch(problem, stepper, jax.random.fold_in(kk, 1))
+    it = network.interaction(problem, a, w, xb, yb, n_particles=n_particles)
+    eta = stepper.eta
+    t = state.step.astype(w.dtype) * eta
+    tau = temperature(problem, stepper, t)
+    k = network.decay_rate(problem, n_particles)
+    temp = tau if problem.scaling == "mean_field" else tau / n_particles
+    xi = jax.random.normal(jax.random.fold_in(kk, 0), (n_particles, w.shape[1] + 1), w.dtype)
+    if stepper.scheme == "euler":
+        sd = jnp.sqrt(2.0 * eta * temp)
+        w_new = w - eta * (it.grad_w + k * w) + sd * xi[:, 1:]
+        a_new = a - eta * (it.grad_a + k * a) + sd * xi[:, 0]
+    else:  # exact OU step for the weight-decay part after the explicit interaction step
+        decay = jnp.exp(-k * eta)
+        sd = jnp.sqrt(temp * (1.0 - decay * decay) / k)
+        w_new = decay * (w - eta * it.grad_w) + sd * xi[:, 1:]
+        a_new = decay * (a - eta * it.grad_a) + sd * xi[:, 0]
+    if problem.output == "fixed":
+        a_new = a
+    info = StepInfo(network.risk(problem, it.f, yb), tau)
+    return ParticleState(a_new, w_new, state.step + 1, state.key), info
+
+
+def run_steps(problem: Problem, state: ParticleState, stepper: Langevin, n_steps: int):
+    """``n_steps`` steps in one ``lax.scan`` (not jitted here; see :func:`simulate`)."""
+
+    def body(s, _):
+        s, info = step(problem, s, stepper)
+        return s, info
+
+    return jax.lax.scan(body, state, None, length=n_steps)
+
+
+_run_steps_jit = jax.jit(run_steps, static_argnames=("n_steps",))
+
+
+def segment_ends(start: int, stop: int, *multiples: int) -> list[int]:
+    """The absolute step numbers in (start, stop] at which a segment must end: every
+    multiple of each of ``multiples`` and ``stop`` itself. Chunk boundaries therefore do not
+    depend on where a run was started or resumed."""
+    ends = {stop}
+    for m in multiples:
+        if m and m > 0:
+            first = (start // m + 1) * m
+            ends.update(range(first, stop, m))
+    return sorted(e for e in ends if start < e <= stop)
+
+
+@dataclass
+class History:
+    """Records taken during :func:`simulate`: a dict of 1-D NumPy arrays, one per column."""
+
+    columns: dict = field(default_factory=dict)
+
+    def append(self, row: dict):
+        for k in row:
+            if k not in self.columns:
+                n_before = len(next(iter(self.columns.values()), []))
+                self.columns[k] = [float("nan")] * n_before
+        for k in self.columns:
+            self.columns[k].append(row.get(k, float("nan")))
+
+    def as_arrays(self) -> dict:
+        return {k: np.asarray(v) for k, v in self.columns.items()}
+
+    def __getitem__(self, k):
+        return np.asarray(self.columns[k])
+
+    def __len__(self):
+        return len(next(iter(self.columns.values()), []))
+
+
+def simulate(problem: Problem, state: ParticleState, stepper: Langevin, n_steps: int, *,
+             record_every: int = 100, chunk: int | None = None,
+             recorder: Callable | None = None, callback: Callable | None = None,
+             progress: bool = False, record_initial: bool = True):
+    """Run the dynamics from ``state.step`` up to ``state.step + n_steps``.
+
+    The host loop runs jitted ``lax.scan`` segments that end on absolute multiples of
+    ``record_every`` and ``chunk`` (default: ``record_every``), records
+    ``recorder(problem, state)`` (default :func:`mfld.observables.record`) at each multiple
+    of ``record_every``, and calls ``callback(state, row)`` after each record; a callback
+    returning ``True`` stops the run early. Returns ``(final_state, History)``.
+    The trajectory does not depend on ``chunk`` or ``record_every``.
+    """
+    from mfld import observables  # local import: observables imports this module's types
+
+    if not jax.config.jax_threefry_partitionable:
+        raise RuntimeError("mfld needs jax_threefry_partitionable=True (JAX's default) so that "
+                           "the noise of a particle does not depend on the device count")
+    record_every = int(record_every)
+    if record_every < 1:
+        raise ConfigError("must be positive", field="record.every", value=record_every)
+    recorder = recorder or observables.record
+    rec_jit = jax.jit(recorder)
+    start = int(state.step)
+    stop = start + int(n_steps)
+    hist = History()
+    t0 = time.perf_counter()
+
+    def take(s):
+        row = {"step": int(s.step), "t": float(s.step) * float(stepper.eta)}
+        row.update({k: float(v) for k, v in rec_jit(problem, s).items()})
+        row["wall_time"] = time.perf_counter() - t0
+        hist.append(row)
+        return callback(s, row) if callback is not None else False
+
+    if record_initial and start % record_every == 0:
+        if take(state):
+            return state, hist
+    bar = _progress(stop - start, progress)
+    try:
+        for end in segment_ends(start, stop, record_every, chunk or record_every):
+            n = end - int(state.step)
+            state, _ = _run_steps_jit(problem, state, stepper, n_steps=n)
+            if bar is not None:
+                bar.update(n)
+            if end % record_every == 0 or end == stop:
+                if take(state):
+                    break
+                if bar is not None and "risk" in hist.columns:
+                    bar.set_postfix(risk=f"{hist.columns['risk'][-1]:.4g}", refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    return state, hist
+
+
+def _progress(total, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but keep the library usable without it
+        return None
+    return tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
