@@ -9,8 +9,8 @@ reuses shared work (e.g. ``tanh``: sigma' = 1 - sigma^2), and the constants
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -211,14 +211,16 @@ class History:
 def simulate(problem: Problem, state: ParticleState, stepper: Langevin, n_steps: int, *,
              record_every: int = 100, chunk: int | None = None,
              recorder: Callable | None = None, callback: Callable | None = None,
-             progress: bool = False, record_initial: bool = True):
+             progress: bool = False, record_initial: bool = True, history: "History | None" = None):
     """Run the dynamics from ``state.step`` up to ``state.step + n_steps``.
 
     The host loop runs jitted ``lax.scan`` segments that end on absolute multiples of
     ``record_every`` and ``chunk`` (default: ``record_every``), records
     ``recorder(problem, state)`` (default :func:`mfld.observables.record`) at each multiple
-    of ``record_every``, and calls ``callback(state, row)`` after each record; a callback
-    returning ``True`` stops the run early. Returns ``(final_state, History)``.
+    of ``record_every``, and calls ``callback(state, row)`` at each record before the row is
+    stored (the callback may add columns to ``row``); a callback returning ``True`` stops the
+    run early. Returns ``(final_state, History)``.
+    Rows are appended to ``history`` if one is given (so a callback can see earlier rows).
     The trajectory does not depend on ``chunk`` or ``record_every``.
     """
     from mfld import observables  # local import: observables imports this module's types
@@ -233,15 +235,16 @@ def simulate(problem: Problem, state: ParticleState, stepper: Langevin, n_steps:
     rec_jit = jax.jit(recorder)
     start = int(state.step)
     stop = start + int(n_steps)
-    hist = History()
+    hist = History() if history is None else history
     t0 = time.perf_counter()
 
     def take(s):
         row = {"step": int(s.step), "t": float(s.step) * float(stepper.eta)}
         row.update({k: float(v) for k, v in rec_jit(problem, s).items()})
         row["wall_time"] = time.perf_counter() - t0
+        stop = callback(s, row) if callback is not None else False  # may add columns to row
         hist.append(row)
-        return callback(s, row) if callback is not None else False
+        return stop
 
     if record_initial and start % record_every == 0:
         if take(state):

@@ -6,8 +6,8 @@ its domain (the logistic dual is box-constrained).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

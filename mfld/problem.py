@@ -53,7 +53,7 @@ class Problem:
     @classmethod
     def create(cls, x, y, *, activation="tanh", loss="squared", lam=0.1, tau=0.01,
                bias=True, output="trained", r_out=1.0, scaling="mean_field",
-               x_test=None, y_test=None, dtype=None) -> "Problem":
+               x_test=None, y_test=None, dtype=None) -> Problem:
         """Validate and build a Problem from raw inputs ``x (n, d)`` and targets ``y (n,)``.
 
         ``bias=True`` appends a constant-1 feature. ``dtype`` defaults to JAX's default
@@ -117,7 +117,7 @@ class Problem:
         """Dimension D of a trained particle: p + 1, or p for a fixed output layer."""
         return self.p + (0 if self.output == "fixed" else 1)
 
-    def replace(self, **kw) -> "Problem":
+    def replace(self, **kw) -> Problem:
         """A copy with some fields changed (e.g. ``problem.replace(tau=0.05)``); not re-validated."""
         return dataclasses.replace(self, **kw)
 

@@ -1,0 +1,19 @@
+"""Quickstart: the README's Python example (executed by the tests)."""
+
+import numpy as np
+import mfld
+
+# The library level: a Problem, particles, and the jitted simulator.
+data = mfld.teacher_student(n=64, d=1, seed=0)
+problem = mfld.Problem.create(data.x, data.y, activation="tanh", lam=0.1, tau=0.05)
+state = mfld.init_particles(problem, n_particles=1000, seed=0)
+state, history = mfld.simulate(problem, state, mfld.Langevin(eta=0.05), n_steps=500, record_every=50)
+print(history["t"][-1], history["risk"][-1])
+
+# The application level: the same fields as the YAML config, and plain arrays for your own data.
+x = np.linspace(-2, 2, 50)[:, None]
+res = mfld.run({"dynamics": {"steps": 200}, "record": {"certify_every": 0, "optimum": False}},
+               x=x, y=np.sin(2 * x[:, 0]), out="runs/quickstart", overwrite=True, progress=False)
+print(res.summary["final"]["risk"])
+run = mfld.load_run("runs/quickstart")     # config, metrics table, summary and final particles
+print(run.metrics["risk"][-1], run.a.shape)

@@ -1,0 +1,286 @@
+"""The run configuration: one schema, validated before JAX is imported.
+
+A config is a YAML file with sections ``data``, ``model``, ``objective``, ``dynamics``,
+``record`` and the top-level ``seed``, ``precision`` and ``name``. Every field has a default
+(``mfld config`` prints them, commented); dotted overrides (``--set objective.tau=0.01``)
+change single fields. Unknown keys are rejected with the nearest valid name suggested.
+
+This module deliberately does not import JAX, so a bad config fails fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mfld.errors import ConfigError
+
+ACTIVATION_NAMES = ("tanh", "sigmoid", "erf", "relu", "softplus", "gelu", "linear")
+DATA_KINDS = ("teacher_student", "single_index", "gaussian_mixture", "sparse_parity", "sklearn", "file")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the data come from. ``params`` are passed to the generator of ``kind``."""
+
+    kind: Literal[DATA_KINDS] = "teacher_student"  # type: ignore[valid-type]
+    seed: int | None = Field(default=None, ge=0, description="data seed (default: the run seed)")
+    params: dict[str, Any] = Field(
+        default_factory=lambda: dict(n=64, d=1, teacher_width=3, noise=0.05, n_test=256),
+        description="generator parameters (see mfld.data.make_dataset)")
+
+
+class InitConfig(_Section):
+    a_scale: float = Field(default=1.0, ge=0, description="std of the initial second-layer weights")
+    w_scale: float = Field(default=1.0, ge=0, description="std of the initial first-layer weights")
+    plus_fraction: float = Field(default=0.5, ge=0, le=1,
+                                 description="fraction of a_i = +1 for a fixed output layer")
+
+
+class ModelConfig(_Section):
+    activation: Literal[ACTIVATION_NAMES] = "tanh"  # type: ignore[valid-type]
+    bias: bool = True
+    output: Literal["trained", "fixed", "bounded"] = "trained"
+    r_out: float = Field(default=1.0, gt=0, description="bound of the bounded output layer")
+    scaling: Literal["mean_field", "ntk"] = "mean_field"
+    n_particles: int = Field(default=2000, ge=1, description="number of neurons N")
+    init: InitConfig = Field(default_factory=InitConfig)
+
+
+class ObjectiveConfig(_Section):
+    loss: Literal["squared", "logistic"] = "squared"
+    lam: float = Field(default=0.1, gt=0, description="weight decay lambda")
+    tau: float = Field(default=0.05, ge=0, description="temperature tau (0: noiseless flow)")
+
+
+class DynamicsConfig(_Section):
+    scheme: Literal["euler", "ou"] = "euler"
+    eta: float = Field(default=0.05, gt=0, description="step size; time t = step * eta")
+    steps: int = Field(default=2000, ge=0)
+    batch_size: int | None = Field(default=None, ge=1, description="minibatch size (null: full batch)")
+    tau_schedule: Literal["constant", "log"] = "constant"
+    chunk: int | None = Field(default=None, ge=1, description="steps per compiled chunk (default: record.every)")
+
+
+class RecordConfig(_Section):
+    every: int = Field(default=20, ge=1, description="record metrics every K steps")
+    certify_every: int = Field(default=100, ge=0,
+                               description="record the dual/primal bounds every K steps (0: off)")
+    certify_method: Literal["auto", "quadrature", "mc"] = "auto"
+    certify_samples: int = Field(default=65536, ge=16, description="Monte Carlo samples for log Z")
+    optimum: bool = Field(default=True, description="solve for F* first and plot F - F* (needs tau > 0)")
+    checkpoint_every: int = Field(default=500, ge=0, description="checkpoint every K steps (0: end only)")
+    snapshot_every: int = Field(default=0, ge=0, description="save particle snapshots every K steps (0: off)")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _multiples(self):
+        for name in ("certify_every", "checkpoint_every", "snapshot_every"):
+            v = getattr(self, name)
+            if v and v % self.every:
+                raise ValueError(f"record.{name}={v} must be a multiple of record.every={self.every}")
+        return self
+
+
+class Config(_Section):
+    """The whole run configuration."""
+
+    name: str = Field(default="run", description="a label for the run")
+    seed: int = Field(default=0, ge=0)
+    precision: Literal["float32", "float64"] = "float32"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    dynamics: DynamicsConfig = Field(default_factory=DynamicsConfig)
+    record: RecordConfig = Field(default_factory=RecordConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if not v or any(c in v for c in "/\\\n"):
+            raise ValueError("name must be non-empty and contain no slashes or newlines")
+        return v
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, overrides, error messages
+# ---------------------------------------------------------------------------------------
+
+def _all_paths(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, f in model_cls.model_fields.items():
+        path = f"{prefix}{name}"
+        out.append(path)
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(_all_paths(ann, path + "."))
+    return out
+
+
+def _suggest(bad: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(bad, candidates, n=1, cutoff=0.5)
+    if not close:
+        leaf = bad.rsplit(".", 1)[-1]
+        close = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf]
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _format_error(err: ValidationError) -> ConfigError:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+    kind = e["type"]
+    value = e.get("input")
+    if kind == "extra_forbidden":
+        section = loc.rsplit(".", 1)[0] if "." in loc else ""
+        allowed = [p for p in _all_paths(Config)
+                   if (section and "." in p and p.rsplit(".", 1)[0] == section) or (not section and "." not in p)]
+        return ConfigError(f"unknown key{_suggest(loc, _all_paths(Config))}", field=loc,
+                           allowed=", ".join(a.rsplit('.', 1)[-1] for a in allowed))
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if kind == "literal_error":
+        return ConfigError(f"invalid value {value!r}", field=loc or None,
+                           allowed=msg.replace("Input should be ", ""))
+    if not loc or kind == "value_error" and isinstance(value, dict):
+        return ConfigError(msg, field=loc or None)
+    return ConfigError(f"invalid value {_short(value)} ({msg})", field=loc)
+
+
+def _short(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def validate(data: dict | None) -> Config:
+    """Validate a (possibly partial) config dict; raise :class:`ConfigError` on the first problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}",
+                          field="config", allowed="a YAML mapping")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise _format_error(err) from None
+
+
+def parse_value(text: str):
+    """Parse the right-hand side of ``--set key=value`` as YAML (numbers, bools, null, lists)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str] | dict | None) -> dict:
+    """Apply dotted overrides (``["objective.tau=0.01", ...]`` or a dict) to a config dict."""
+    data = _deepcopy(data or {})
+    if not overrides:
+        return data
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    valid = _all_paths(Config)
+    for key, value in items:
+        parts = key.split(".")
+        if not key or any(not p for p in parts):
+            raise ConfigError("malformed override key", field="--set", value=key, allowed="dotted.key=value")
+        if parts[0] != "data" or len(parts) < 3 or parts[1] != "params":
+            if key not in valid:
+                raise ConfigError(f"unknown key '{key}'{_suggest(key, valid)}", field="--set")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"'{p}' is not a section", field="--set", value=key)
+            node = nxt
+        node[parts[-1]] = parse_value(value) if isinstance(value, str) else value
+    return data
+
+
+def _split(o: str):
+    if "=" not in o:
+        raise ConfigError("override must look like key=value", field="--set", value=o,
+                          allowed="dotted.key=value, e.g. objective.tau=0.01")
+    k, v = o.split("=", 1)
+    return k.strip(), v.strip()
+
+
+def _deepcopy(d):
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("config file not found", field="config", value=str(path))
+    if path.is_dir():
+        raise ConfigError("config path is a directory", field="config", value=str(path),
+                          allowed="a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"not valid YAML{where}", field="config", value=str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not a text file", field="config", value=str(path)) from None
+    return {} if data is None else data
+
+
+def load(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- YAML file (optional) <- dotted overrides, validated."""
+    data = read_yaml(path) if path is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError("a config file must be a YAML mapping of sections", field="config",
+                          value=str(path))
+    return validate(apply_overrides(data, overrides))
+
+
+def commented_default() -> str:
+    """The default config as YAML, each field followed by a comment saying what it is."""
+    lines = ["# mfld run configuration (all fields optional; these are the defaults)"]
+
+    def walk(model: BaseModel, indent: int):
+        for name, f in type(model).model_fields.items():
+            val = getattr(model, name)
+            pad = "  " * indent
+            desc = f.description or ""
+            if isinstance(val, BaseModel):
+                lines.append(f"{pad}{name}:" + (f"  # {desc}" if desc else ""))
+                walk(val, indent + 1)
+            else:
+                dumped = yaml.safe_dump({name: val}, default_flow_style=True, sort_keys=False).strip()
+                if dumped.startswith("{") and dumped.endswith("}"):
+                    dumped = dumped[1:-1]
+                allowed = _allowed_text(f)
+                comment = "; ".join(c for c in (desc, allowed) if c)
+                lines.append(f"{pad}{dumped}" + (f"  # {comment}" if comment else ""))
+
+    walk(Config(), 0)
+    return "\n".join(lines) + "\n"
+
+
+def _allowed_text(f) -> str:
+    args = getattr(f.annotation, "__args__", None)
+    if getattr(f.annotation, "__origin__", None) is Literal or (args and all(isinstance(a, str) for a in args)):
+        return "one of " + ", ".join(args)
+    return ""
