@@ -1,0 +1,630 @@
+"""The Gibbs partition function, the Fenchel dual and the computable certificates
+(THEORY sections 4, 6, 7, 8).
+
+Conventions (mean-field scaling, tau > 0; everything in float64 NumPy on upcast copies,
+whatever the particles' precision):
+
+- ``u (n,)`` are dual variables on the data; g_u(w) = (1/n) sum_j u_j sigma(w . x_j) and
+  V_u(theta) = (1/n) sum_j u_j phi(theta; x_j) + (lam/2)|theta|^2.
+- Z(u) = integral exp(-V_u/tau). The a-integral is analytic for the trained output layer
+  (THEORY 6): Z = sqrt(2 pi tau/lam) integral exp(g^2/(2 lam tau) - lam |w|^2/(2 tau)) dw;
+  1-D quadrature over a for the ``bounded`` layer; for the ``fixed`` layer each sign group
+  s has log Z_s = log integral exp(-(s g(w) + lam |w|^2/2)/tau) dw and the dual uses the
+  mass-weighted sum sum_s pi_s log Z_s (THEORY 8).
+- The dual: D(u) = -(1/n) sum_j l*(u_j, y_j) - tau log Z(u) <= F*, concave, with gradient
+  dD/du_j = (f_hat(x_j) - (l*)'(u_j))/n, f_hat = f_{rho_hat_u}.
+- The primal bound: F(rho_hat_u) = R(f_hat) - (1/n) u . f_hat - tau log Z(u) >= F*.
+  Their difference is (1/n) sum_j [l(f_hat_j) + l*(u_j) - u_j f_hat_j] >= 0 (Fenchel-Young;
+  for the squared loss (1/2n)|u - (f_hat - y)|^2).
+
+Integration over w (``method``):
+
+- ``closed_form``: linear activation, trained or fixed output layer (the Gibbs measure is
+  Gaussian, THEORY 7). Certified.
+- ``quadrature``: p = dim(w) <= 2. Tensor trapezoid rule on a box [-R, R]^p, whose radius
+  comes from the bound on the weight (bounded sigma) or is grown until the log-integrand on
+  the boundary is 40 nats below its maximum; spacing h halved until the results at h and 2h
+  agree (the rule converges spectrally for these smooth, Gaussian-decaying integrands, so the
+  difference bounds the error of the finer one). The difference is reported as the quadrature
+  error and subtracted from / added to the bounds. Certified.
+- ``mc``: importance sampling over w ~ N(0, tau/lam I) (any p), with delta-method standard
+  errors and the effective sample size. -tau log Z_hat is biased (Jensen): the reported lower
+  bound is D_hat - 2 SE and the upper F_hat + 2 SE, labelled statistical (``certified`` 0).
+
+Refused (:class:`mfld.errors.TheoryNotApplicable`): tau = 0 and NTK scaling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import erf, expit, logsumexp
+
+from mfld.errors import ConfigError, TheoryNotApplicable
+
+__all__ = [
+    "Evaluation",
+    "check_applicable",
+    "residual_weights",
+    "log_partition",
+    "dual",
+    "evaluate",
+    "primal_bound",
+    "certify",
+    "METHODS",
+]
+
+METHODS = ("auto", "closed_form", "quadrature", "mc")
+_MARGIN = 40.0  # nats: the integrand is negligible (e^-40 of its maximum) outside the box
+_MAX_NODES_X_DATA = 2 ** 24  # cap on (#nodes * n) for the quadrature grid (~128 MB of sigma values)
+_CHUNK = 2 ** 21  # elements per chunk of sigma values when they are not cached
+_QUAD_TOL = 1e-11
+
+
+# ---------------------------------------------------------------------------------------
+# The problem in float64 NumPy
+# ---------------------------------------------------------------------------------------
+
+
+def _np_activation(act):
+    table = {
+        "tanh": np.tanh,
+        "sigmoid": expit,
+        "erf": erf,
+        "relu": lambda z: np.maximum(z, 0.0),
+        "softplus": lambda z: np.logaddexp(0.0, z),
+        "gelu": lambda z: 0.5 * z * (1.0 + erf(z / math.sqrt(2.0))),
+        "linear": lambda z: z,
+    }
+    if act.analytic and act.name in table:
+        return table[act.name]
+
+    def via_jax(z):  # a user callable: evaluate it in a scoped float64 context
+        import jax
+        import jax.numpy as jnp
+
+        with jax.enable_x64(True):
+            return np.asarray(act.fn(jnp.asarray(z, dtype=jnp.float64)), dtype=np.float64)
+
+    return via_jax
+
+
+@dataclass(frozen=True, eq=False)
+class _Spec:
+    x: np.ndarray
+    y: np.ndarray
+    lam: float
+    tau: float
+    r_out: float
+    sigma: object
+    act_name: str
+    act_sup: float | None
+    linear: bool
+    loss: str
+    output: str
+    plus_fraction: float
+    key: str = field(default="")
+
+    @property
+    def n(self):
+        return self.x.shape[0]
+
+    @property
+    def p(self):
+        return self.x.shape[1]
+
+    # ---- losses in float64 ----
+    def loss_value(self, f, y):
+        if self.loss == "squared":
+            return 0.5 * (f - y) ** 2
+        return np.logaddexp(0.0, -y * f)
+
+    def loss_deriv(self, f, y):
+        if self.loss == "squared":
+            return f - y
+        return -y * expit(-y * f)
+
+    def conj(self, u):
+        y = self.y
+        if self.loss == "squared":
+            return 0.5 * u * u + u * y
+        q = -u * y
+        if np.any((q < 0) | (q > 1)):
+            return np.full_like(u, np.inf)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xl = np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0)
+            r = 1.0 - q
+            yl = np.where(r > 0, r * np.log(np.where(r > 0, r, 1.0)), 0.0)
+        return xl + yl
+
+    def conj_deriv(self, u):
+        y = self.y
+        if self.loss == "squared":
+            return u + y
+        q = np.clip(-u * y, 1e-300, 1.0 - 1e-16)
+        return -y * (np.log(q) - np.log1p(-q))
+
+
+def check_applicable(problem) -> None:
+    """Raise :class:`TheoryNotApplicable` unless tau > 0 and the scaling is mean-field."""
+    if problem.scaling != "mean_field":
+        raise TheoryNotApplicable(
+            "the free energy, its dual and the certificates are defined for the mean-field scaling "
+            f"only; this problem uses scaling={problem.scaling!r} (NTK runs have no mean-field measure)")
+    if not float(problem.tau) > 0:
+        raise TheoryNotApplicable(
+            f"the dual, rho_hat and the certificates need a positive temperature; tau = {float(problem.tau)} "
+            "(at tau = 0 the entropy term and the Gibbs measure are undefined)")
+
+
+def _spec(problem, plus_fraction: float = 0.5, need_tau: bool = True) -> _Spec:
+    if need_tau:
+        check_applicable(problem)
+    elif problem.scaling != "mean_field":
+        raise TheoryNotApplicable("the free energy is defined for the mean-field scaling only "
+                                  f"(scaling={problem.scaling!r})")
+    pf = float(plus_fraction)
+    if not 0.0 <= pf <= 1.0:
+        raise ConfigError("fraction of +1 output weights must lie in [0, 1]", field="model.init.plus_fraction",
+                          value=plus_fraction, allowed="0 <= plus_fraction <= 1")
+    x = np.asarray(problem.x, dtype=np.float64)
+    y = np.asarray(problem.y, dtype=np.float64)
+    act = problem.activation
+    h = hashlib.sha1(x.tobytes())
+    h.update(repr((x.shape, act.name, id(act.fn) if not act.analytic else 0)).encode())
+    return _Spec(x=x, y=y, lam=float(problem.lam), tau=float(problem.tau), r_out=float(problem.r_out),
+                 sigma=_np_activation(act), act_name=act.name, act_sup=act.sup,
+                 linear=(act.analytic and act.name == "linear"), loss=problem.loss.name,
+                 output=problem.output, plus_fraction=pf, key=h.hexdigest())
+
+
+def _network_output(spec: _Spec, a, w):
+    """f_rho(x_j) of the empirical measure, mean-field scaling (float64)."""
+    s = spec.sigma(w @ spec.x.T)
+    a_eff = spec.r_out * np.tanh(a) if spec.output == "bounded" else a
+    return (a_eff @ s) / a.shape[0]
+
+
+def residual_weights(problem, a, w) -> np.ndarray:
+    """u_j = l'(f_rho(x_j), y_j) of the particles (float64), the dual point of a run."""
+    spec = _spec(problem)
+    a, w = _upcast(a, w)
+    return spec.loss_deriv(_network_output(spec, a, w), spec.y)
+
+
+def _upcast(a, w):
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    w = np.asarray(w, dtype=np.float64)
+    if w.ndim == 1:
+        w = w[:, None]
+    return a, w
+
+
+# ---------------------------------------------------------------------------------------
+# Node sets over w: quadrature grids and Monte Carlo samples, with cached sigma values
+# ---------------------------------------------------------------------------------------
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_BYTES = 3 * 10 ** 8
+
+
+def _sigma_matrix(spec: _Spec, w: np.ndarray, key) -> np.ndarray | None:
+    """sigma(w x^T) (K, n), cached by ``key``; None if too large to hold (then chunked)."""
+    nbytes = w.shape[0] * spec.n * 8
+    if nbytes > _CACHE_BYTES // 2:
+        return None
+    full_key = (spec.key, key)
+    if full_key in _CACHE:
+        _CACHE.move_to_end(full_key)
+        return _CACHE[full_key]
+    s = spec.sigma(w @ spec.x.T)
+    _CACHE[full_key] = s
+    while sum(v.nbytes for v in _CACHE.values()) > _CACHE_BYTES and len(_CACHE) > 1:
+        _CACHE.popitem(last=False)
+    return s
+
+
+@dataclass(eq=False)
+class _Nodes:
+    """Nodes w_k (K, p) with log base weights such that logsumexp(logbase + h(w_k)) ~
+    log integral exp(-lam|w|^2/(2 tau) + h(w)) dw. ``S`` caches sigma(w x^T) when it fits."""
+
+    w: np.ndarray
+    logbase: np.ndarray
+    S: np.ndarray | None
+    kind: str  # "quadrature" or "mc"
+    h: float = math.nan
+    radius: float = math.nan
+
+    def rows(self, spec):
+        if self.S is not None:
+            yield slice(0, self.w.shape[0]), self.S
+            return
+        step = max(1, _CHUNK // max(spec.n, 1))
+        for i in range(0, self.w.shape[0], step):
+            sl = slice(i, min(i + step, self.w.shape[0]))
+            yield sl, spec.sigma(self.w[sl] @ spec.x.T)
+
+    def matvec(self, spec, v):
+        out = np.empty(self.w.shape[0])
+        for sl, s in self.rows(spec):
+            out[sl] = s @ v
+        return out
+
+    def rmatvec(self, spec, c):
+        """c (m, K) -> c @ S (m, n)."""
+        out = np.zeros((c.shape[0], spec.n))
+        for sl, s in self.rows(spec):
+            out += c[:, sl] @ s
+        return out
+
+    def subset(self, idx, logbase):
+        return _Nodes(self.w[idx], logbase, None if self.S is None else self.S[idx], self.kind,
+                      self.h * 2, self.radius)
+
+
+def _mc_nodes(spec: _Spec, n_samples: int, seed: int) -> _Nodes:
+    m = int(n_samples)
+    if m < 2:
+        raise ConfigError("need at least 2 Monte Carlo samples", field="record.certify_samples", value=m)
+    sd = math.sqrt(spec.tau / spec.lam)
+    w = sd * np.random.default_rng([int(seed), 7919]).standard_normal((m, spec.p))
+    logbase = np.full(m, 0.5 * spec.p * math.log(2 * math.pi * spec.tau / spec.lam) - math.log(m))
+    S = _sigma_matrix(spec, w, ("mc", m, int(seed), sd))
+    return _Nodes(w, logbase, S, "mc")
+
+
+def _grid_nodes(spec: _Spec, half: int, h: float) -> tuple[_Nodes, _Nodes]:
+    """The fine grid h * {-half..half}^p and its even-index subgrid (spacing 2h, ``half`` even)."""
+    idx1 = np.arange(-half, half + 1)
+    mesh = np.meshgrid(*([idx1] * spec.p), indexing="ij")
+    ij = np.stack([m.reshape(-1) for m in mesh], axis=1)
+    w = h * ij
+    base = -0.5 * spec.lam / spec.tau * np.sum(w * w, axis=1)
+    S = _sigma_matrix(spec, w, ("grid", spec.p, half, float(h)))
+    fine = _Nodes(w, base + spec.p * math.log(h), S, "quadrature", h, half * h)
+    sel = np.nonzero(np.all(ij % 2 == 0, axis=1))[0]
+    coarse = fine.subset(sel, base[sel] + spec.p * math.log(2 * h))
+    return fine, coarse
+
+
+# ---------------------------------------------------------------------------------------
+# Components: how the a-direction (or the sign groups) enter, given g(w) at the nodes
+# ---------------------------------------------------------------------------------------
+
+
+def _bounded_inner(spec: _Spec, g: np.ndarray, fine: bool = True):
+    """For phi = r tanh(a) sigma: log J(g) = log integral exp(-(lam a^2/2 + r tanh(a) g)/tau) da
+    and the conditional mean r E[tanh a | w], by the trapezoid rule on a uniform a-grid
+    (plus the same at twice the spacing, for the error estimate)."""
+    sa = math.sqrt(spec.tau / spec.lam)
+    gmax = float(np.max(np.abs(g))) if g.size else 0.0
+    tilt = spec.r_out * gmax / spec.tau
+    ra = sa * math.sqrt(2.0 * (_MARGIN + 5.0 + 2.0 * tilt))
+    curv = 1.0 / sa ** 2 + 0.77 * tilt
+    ha = min(0.5 / math.sqrt(curv), 0.3) / 2.0
+    half = int(math.ceil(ra / ha))
+    ag = ha * np.arange(-half, half + 1)
+    ta = np.tanh(ag)
+    out = []
+    for step in (1, 2):
+        sl = slice(None, None, step) if step == 1 else (np.arange(-half, half + 1) % 2 == 0)
+        a_, t_ = ag[sl], ta[sl]
+        lw = -0.5 * spec.lam / spec.tau * a_ ** 2 - (spec.r_out / spec.tau) * np.outer(g, t_)
+        lse = logsumexp(lw, axis=1)
+        wts = np.exp(lw - lse[:, None])
+        out.append((lse + math.log(ha * step), spec.r_out * (wts @ t_)))
+    (lj, mt), (lj2, mt2) = out
+    err = float(np.max(np.abs(lj - lj2))) if g.size else 0.0
+    return lj, mt, err, (ag, ta)
+
+
+def _components(spec: _Spec, g: np.ndarray):
+    """List of (mass pi_c, log weight l_c(w) (K,), conditional output weight b_c(w) (K,)),
+    plus the constant added to each log Z_c and an error of the inner a-quadrature."""
+    lam, tau = spec.lam, spec.tau
+    if spec.output == "trained":
+        return [(1.0, g * g / (2 * lam * tau), -g / lam)], 0.5 * math.log(2 * math.pi * tau / lam), 0.0
+    if spec.output == "fixed":
+        pf = spec.plus_fraction
+        comps = []
+        if pf > 0:
+            comps.append((pf, -g / tau, np.ones_like(g)))
+        if pf < 1:
+            comps.append((1.0 - pf, g / tau, -np.ones_like(g)))
+        return comps, 0.0, 0.0
+    lj, mt, err, _ = _bounded_inner(spec, g)
+    return [(1.0, lj, mt)], 0.0, err
+
+
+# ---------------------------------------------------------------------------------------
+# One evaluation of D, F(rho_hat), the gradient, on a node set
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """D(u), F(rho_hat_u), grad D, f_hat on the data and their error estimates.
+
+    ``err_D``/``err_F``: quadrature error estimates (0 for the closed form, nan for MC);
+    ``se_D``/``se_F``: Monte Carlo standard errors (0 otherwise); ``ess``: effective sample
+    size (nan unless MC); ``tau_log_z``: tau sum_c pi_c log Z_c.
+    """
+
+    D: float
+    F: float
+    grad: np.ndarray
+    f_hat: np.ndarray
+    tau_log_z: float
+    method: str
+    certified: bool
+    err_D: float = 0.0
+    err_F: float = 0.0
+    se_D: float = 0.0
+    se_F: float = 0.0
+    ess: float = math.nan
+    info: dict = field(default_factory=dict)
+
+    @property
+    def lower(self) -> float:
+        """A lower bound on F* (statistical, D - 2 SE, if Monte Carlo)."""
+        return self.D - (2.0 * self.se_D if self.method == "mc" else self.err_D)
+
+    @property
+    def upper(self) -> float:
+        """An upper bound on F* (statistical, F + 2 SE, if Monte Carlo)."""
+        return self.F + (2.0 * self.se_F if self.method == "mc" else self.err_F)
+
+
+def _eval_nodes(spec: _Spec, nodes: _Nodes, u: np.ndarray, *, stats: bool = False) -> Evaluation:
+    n = spec.n
+    g = nodes.matvec(spec, u) / n
+    comps, const, inner_err = _components(spec, g)
+    tlz = 0.0
+    coef = np.zeros((len(comps), nodes.w.shape[0]))
+    omegas = []
+    ess = math.inf
+    for i, (pi_c, lc, bc) in enumerate(comps):
+        lw = nodes.logbase + lc
+        lse = logsumexp(lw)
+        if not np.isfinite(lse):
+            return _infeasible(spec, u, nodes.kind)
+        om = np.exp(lw - lse)
+        omegas.append(om)
+        tlz += spec.tau * pi_c * (const + lse)
+        coef[i] = pi_c * om * bc
+        ess = min(ess, 1.0 / float(om @ om))
+    fc = nodes.rmatvec(spec, coef)  # (C, n): pi_c E_c[b sigma]
+    f_hat = fc.sum(axis=0)
+    conj = spec.conj(u)
+    D = float(-np.mean(conj) - tlz)
+    F = float(np.mean(spec.loss_value(f_hat, spec.y)) - np.mean(u * f_hat) - tlz)
+    grad = (f_hat - spec.conj_deriv(u)) / n
+    ev = Evaluation(D, F, grad, f_hat, tlz, nodes.kind, nodes.kind == "quadrature")
+    ev.info["inner_err"] = inner_err * spec.tau
+    if nodes.kind == "mc":
+        ev.ess = ess
+        if stats:
+            m = nodes.w.shape[0]
+            cvec = (spec.loss_deriv(f_hat, spec.y) - u) / n
+            sc = nodes.matvec(spec, cvec)  # sum_j cvec_j sigma(w_k x_j)
+            psi_d = np.zeros(m)
+            psi_f = np.zeros(m)
+            for i, (pi_c, _lc, bc) in enumerate(comps):
+                wt = m * omegas[i]
+                psi_d += -spec.tau * pi_c * (wt - 1.0)
+                psi_f += pi_c * wt * (bc * sc - float(fc[i] @ cvec) / pi_c)
+            psi_f += psi_d
+            ev.se_D = float(np.std(psi_d) / math.sqrt(m))
+            ev.se_F = float(np.std(psi_f) / math.sqrt(m))
+    return ev
+
+
+def _infeasible(spec, u, kind):
+    nan = np.full(spec.n, np.nan)
+    return Evaluation(-math.inf, math.inf, nan, nan, math.inf, kind, kind != "mc")
+
+
+# ---------------------------------------------------------------------------------------
+# Integrators
+# ---------------------------------------------------------------------------------------
+
+
+def _closed_form(spec: _Spec, u: np.ndarray) -> Evaluation:
+    """Linear activation: Gaussian integrals (THEORY 7)."""
+    lam, tau, n, p = spec.lam, spec.tau, spec.n, spec.p
+    c = spec.x.T @ u / n
+    c2 = float(c @ c)
+    if spec.output == "trained":
+        q = lam * lam - c2
+        if not q > 0:
+            return _infeasible(spec, u, "closed_form")
+        log_z = 0.5 * (p + 1) * math.log(2 * math.pi * tau) - 0.5 * (p - 1) * math.log(lam) - 0.5 * math.log(q)
+        m = -tau * c / q  # E[a w]
+        tlz = tau * log_z
+    else:  # fixed: w ~ N(-s c/lam, tau/lam I) in group s; log Z_s = (p/2) log(2 pi tau/lam) + |c|^2/(2 lam tau)
+        tlz = tau * (0.5 * p * math.log(2 * math.pi * tau / lam)) + c2 / (2 * lam)
+        m = -c / lam  # sum_s pi_s s E_s[w]
+    f_hat = spec.x @ m
+    D = float(-np.mean(spec.conj(u)) - tlz)
+    F = float(np.mean(spec.loss_value(f_hat, spec.y)) - np.mean(u * f_hat) - tlz)
+    return Evaluation(D, F, (f_hat - spec.conj_deriv(u)) / n, f_hat, tlz, "closed_form", True)
+
+
+def _sigma_growth(spec: _Spec, u: np.ndarray) -> float | None:
+    """A bound B on the spread of the log weight over w (bounded sigma), else None."""
+    if spec.act_sup is None:
+        return None
+    G = spec.act_sup * float(np.mean(np.abs(u)))
+    if spec.output == "trained":
+        return G * G / (2 * spec.lam * spec.tau)
+    if spec.output == "fixed":
+        return 2 * G / spec.tau
+    return 2 * spec.r_out * G / spec.tau
+
+
+class _Quadrature:
+    """Adaptive tensor trapezoid rule over w (p <= 2); see the module docstring."""
+
+    def __init__(self, spec: _Spec, u: np.ndarray, *, tol: float = _QUAD_TOL, max_levels: int = 6):
+        self.spec = spec
+        s = math.sqrt(spec.tau / spec.lam)
+        xmax = float(np.max(np.linalg.norm(spec.x, axis=1)))
+        self.h0 = min(s, 1.0 / max(xmax, 1e-12)) / 2.0
+        B = _sigma_growth(spec, u)
+        radius = s * math.sqrt(2.0 * ((B if B is not None else 0.0) + _MARGIN + 5.0))
+        radius = s * math.ceil(radius / s)  # quantised, so that nearby u's share a cached grid
+        if B is None:
+            radius = self._grow_radius(u, radius)
+        self.radius = radius
+        self.tol = tol
+        self.max_levels = max_levels
+
+    def _grow_radius(self, u, radius):
+        spec = self.spec
+        for _ in range(8):
+            half = int(math.ceil(radius / self.h0))
+            fine, _ = _grid_nodes(spec, half, self.h0)
+            g = fine.matvec(spec, u) / spec.n
+            comps, _, _ = _components(spec, g)
+            lw = np.max([fine.logbase + c[1] for c in comps], axis=0)
+            on_edge = np.max(np.abs(fine.w), axis=1) >= half * self.h0 - 1e-12
+            if np.max(lw[on_edge]) < np.max(lw) - _MARGIN:
+                return radius
+            radius *= 1.5
+        return radius  # the integral may diverge; the evaluation will show it
+
+    def evaluate(self, u, stats=False) -> Evaluation:
+        spec = self.spec
+        h = self.h0
+        last = None
+        for level in range(self.max_levels):
+            half = 2 * int(math.ceil(self.radius / h))
+            if (2 * half + 1) ** spec.p * spec.n > _MAX_NODES_X_DATA and last is not None:
+                break
+            fine, coarse = _grid_nodes(spec, half, h / 2.0)
+            ef = _eval_nodes(spec, fine, u)
+            ec = _eval_nodes(spec, coarse, u)
+            if not (np.isfinite(ef.D) and np.isfinite(ec.D)):
+                return ef
+            ef.err_D = abs(ef.D - ec.D) + ef.info["inner_err"]
+            ef.err_F = abs(ef.F - ec.F) + ef.info["inner_err"]
+            ef.info.update(h=h / 2.0, radius=half * h / 2.0, nodes=fine.w.shape[0],
+                           grad_err=float(np.max(np.abs(ef.grad - ec.grad))), level=level)
+            ef.info["nodes_obj"] = fine
+            last = ef
+            if max(ef.err_D, ef.err_F) <= self.tol * max(1.0, abs(ef.D)):
+                break
+            h /= 2.0
+        return last
+
+    def fixed(self, u):
+        """A fixed node set (the accepted fine grid at u), for repeated evaluations."""
+        ev = self.evaluate(u)
+        return ev.info["nodes_obj"], ev
+
+
+def _choose_method(spec: _Spec, method: str) -> str:
+    if method not in METHODS:
+        raise ConfigError("unknown certificate method", field="record.certify_method", value=method,
+                          allowed=", ".join(METHODS))
+    if method == "auto":
+        if spec.linear and spec.output in ("trained", "fixed"):
+            return "closed_form"
+        return "quadrature" if spec.p <= 2 else "mc"
+    if method == "closed_form" and not (spec.linear and spec.output in ("trained", "fixed")):
+        raise ConfigError("the closed form needs the linear activation and a trained or fixed output layer",
+                          field="record.certify_method", value=method, allowed="auto, quadrature, mc")
+    if method == "quadrature" and spec.p > 2:
+        raise ConfigError(f"tensor quadrature is offered for dim(w) <= 2, this problem has dim(w) = {spec.p}",
+                          field="record.certify_method", value=method, allowed="auto, mc")
+    return method
+
+
+def _evaluate_spec(spec: _Spec, u, method="auto", n_samples=65536, seed=0) -> Evaluation:
+    u = np.asarray(u, dtype=np.float64).reshape(-1)
+    if u.shape != (spec.n,):
+        raise ConfigError(f"u must have one entry per data point ({spec.n}), got shape {u.shape}", field="u")
+    m = _choose_method(spec, method)
+    if m == "closed_form":
+        return _closed_form(spec, u)
+    if m == "quadrature":
+        return _Quadrature(spec, u).evaluate(u)
+    return _eval_nodes(spec, _mc_nodes(spec, n_samples, seed), u, stats=True)
+
+
+def evaluate(problem, u, *, method: str = "auto", n_samples: int = 65536, seed: int = 0,
+             plus_fraction: float = 0.5) -> Evaluation:
+    """D(u), F(rho_hat_u), grad D(u), f_{rho_hat_u} with error estimates (see :class:`Evaluation`)."""
+    return _evaluate_spec(_spec(problem, plus_fraction), u, method, n_samples, seed)
+
+
+def log_partition(problem, u, **kw) -> tuple[float, float]:
+    """(tau-free) log Z(u) and its error (quadrature error, or MC standard error).
+
+    For the fixed output layer this is the mass-weighted sum_s pi_s log Z_s."""
+    ev = evaluate(problem, u, **kw)
+    tau = float(problem.tau)
+    err = ev.se_D if ev.method == "mc" else ev.err_D
+    return ev.tau_log_z / tau, err / tau
+
+
+def dual(problem, u, **kw) -> float:
+    """D(u) = -(1/n) sum_j l*(u_j) - tau log Z(u) (an estimate if Monte Carlo)."""
+    return evaluate(problem, u, **kw).D
+
+
+def primal_bound(problem, u, **kw) -> float:
+    """F(rho_hat_u) (an estimate if Monte Carlo); >= F* for every u."""
+    return evaluate(problem, u, **kw).F
+
+
+# ---------------------------------------------------------------------------------------
+# The certificate along a run
+# ---------------------------------------------------------------------------------------
+
+
+def certify(problem, a, w, *, method="auto", n_samples=65536, seed=0, optimum=None,
+            plus_fraction=0.5) -> dict[str, float]:
+    """Bounds on F* at the particles' dual point u_j = l'(f_rho(x_j), y_j) (float64).
+
+    Keys: ``dual_lower`` (D(u) minus its quadrature error, or D_hat - 2 SE: <= F*),
+    ``primal_upper`` (F(rho_hat_u) plus error or + 2 SE: >= F*), ``gap`` (their difference),
+    ``certified`` (1.0 for closed form / quadrature, 0.0 for Monte Carlo), ``ess`` (nan
+    unless Monte Carlo), ``dual_value``/``primal_value`` (the point values), ``bound_err``
+    (quadrature error or 2 SE on the dual), ``free_energy_est`` (R + lam/2 E|theta|^2 -
+    tau H_kNN of the particles: an *estimate*), ``entropy_reliable`` (0.0 if the particle
+    dimension exceeds 5), ``kl_gap_est`` (free_energy_est - D(u), an estimate of
+    tau KL(rho || rho_hat)) and, with ``optimum``, ``F_star`` and ``F_minus_Fstar_upper``
+    (primal_upper - F*: how far the current Gibbs measure is from the optimum, at most).
+    """
+    from mfld.entropy import free_energy_estimate
+
+    spec = _spec(problem, plus_fraction)
+    a64, w64 = _upcast(a, w)
+    f = _network_output(spec, a64, w64)
+    u = spec.loss_deriv(f, spec.y)
+    ev = _evaluate_spec(spec, u, method, n_samples, seed)
+    lower, upper = ev.lower, ev.upper
+    fe = free_energy_estimate(problem, a64, w64)
+    out = {
+        "dual_lower": float(lower),
+        "primal_upper": float(upper),
+        "gap": float(upper - lower),
+        "certified": 1.0 if ev.certified else 0.0,
+        "ess": float(ev.ess) if ev.method == "mc" else math.nan,
+        "dual_value": float(ev.D),
+        "primal_value": float(ev.F),
+        "bound_err": float(2 * ev.se_D if ev.method == "mc" else ev.err_D),
+        "free_energy_est": fe["free_energy_est"],
+        "entropy_reliable": fe["entropy_reliable"],
+        "kl_gap_est": float(fe["free_energy_est"] - ev.D),
+    }
+    if optimum is not None:
+        out["F_star"] = float(optimum.F_star)
+        out["F_minus_Fstar_upper"] = float(upper - optimum.F_star)
+    return out

@@ -1,0 +1,217 @@
+"""The Gibbs partition function, the dual, the primal bound and the certificate (THEORY 6-8).
+
+References: the closed forms of THEORY section 7 (``mfld.reference``), deterministic
+quadrature versus Monte Carlo (tolerances from the reported standard error), finite
+differences of D for its gradient, and the Fenchel-Young identity for the gap.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mfld import duality, reference
+from mfld.data import teacher_student
+from mfld.duality import _eval_nodes, _Quadrature, _spec
+from mfld.errors import ConfigError, TheoryNotApplicable
+from mfld.problem import Problem
+
+
+def _problem(activation="tanh", *, n=24, d=1, bias=False, lam=0.2, tau=0.1, loss="squared", output="trained",
+             seed=3, scale=0.6):
+    ds = teacher_student(n=n, d=d, teacher_scale=scale, bias=True, n_test=0, seed=seed)
+    y = np.sign(ds.y) + (ds.y == 0) if loss == "logistic" else ds.y
+    with jax.enable_x64(True):
+        return Problem.create(ds.x, y, activation=activation, loss=loss, lam=lam, tau=tau, bias=bias,
+                              output=output)
+
+
+def _u_with_c(pr, frac, seed=0):
+    """A u whose c(u) = (1/n) x^T u has |c| = frac * lam (linear activation)."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(pr.x)
+    u = rng.standard_normal(x.shape[0])
+    c = x.T @ u / x.shape[0]
+    return u * (frac * pr.lam / np.linalg.norm(c))
+
+
+# ---------------------------------------------------------------------------------------
+# Linear activation: closed form
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_closed_form_log_z_matches_reference(d):
+    pr = _problem("linear", d=d, bias=True, lam=1.0, tau=0.1)
+    for frac in (0.0, 0.3, 0.9):
+        u = _u_with_c(pr, frac, seed=d)
+        lz, err = duality.log_partition(pr, u)
+        assert err == 0.0
+        assert lz == pytest.approx(reference.linear_log_partition(pr.x, u, pr.lam, pr.tau), rel=1e-13, abs=1e-13)
+        assert duality.dual(pr, u) == pytest.approx(reference.linear_dual(pr.x, pr.y, u, pr.lam, pr.tau), abs=1e-13)
+
+
+def test_closed_form_infeasible_is_minus_infinity():
+    pr = _problem("linear", bias=True, lam=1.0, tau=0.1)
+    u = _u_with_c(pr, 1.2)
+    ev = duality.evaluate(pr, u)
+    assert ev.D == -math.inf and ev.F == math.inf
+
+
+@pytest.mark.parametrize("frac", [0.2, 0.6])
+def test_mc_log_z_matches_closed_form_within_se(frac):
+    # |c|^2 < lam^2 / 2: the importance weights have finite variance, so the delta-method SE
+    # is meaningful; 4 SE leaves a 6e-5 two-sided false-alarm rate per check.
+    pr = _problem("linear", d=2, bias=True, lam=1.0, tau=0.1)
+    u = _u_with_c(pr, frac, seed=5)
+    exact = duality.evaluate(pr, u, method="closed_form")
+    mc = duality.evaluate(pr, u, method="mc", n_samples=2 ** 17, seed=11)
+    assert mc.se_D > 0 and mc.ess > 1000
+    assert abs(mc.D - exact.D) < 4 * mc.se_D
+    assert abs(mc.F - exact.F) < 4 * mc.se_F
+    lz, se = duality.log_partition(pr, u, method="mc", n_samples=2 ** 17, seed=11)
+    assert abs(lz - reference.linear_log_partition(pr.x, u, pr.lam, pr.tau)) < 4 * se
+
+
+def test_quadrature_matches_closed_form_linear_p2():
+    # p = 2 (d = 1 with bias): the tensor trapezoid rule on the Gaussian integrand converges
+    # spectrally; its self-reported error must cover the true error.
+    pr = _problem("linear", bias=True, lam=1.0, tau=0.1)
+    for frac in (0.3, 0.8):
+        u = _u_with_c(pr, frac, seed=2)
+        q = duality.evaluate(pr, u, method="quadrature")
+        ex = duality.evaluate(pr, u, method="closed_form")
+        assert q.certified
+        assert abs(q.D - ex.D) <= max(q.err_D, 1e-13) + 1e-13
+        assert abs(q.F - ex.F) <= max(q.err_F, 1e-13) + 1e-13
+        np.testing.assert_allclose(q.f_hat, ex.f_hat, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# Nonlinear activations: quadrature versus Monte Carlo
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output,act", [("trained", "tanh"), ("fixed", "sigmoid"), ("bounded", "tanh")])
+def test_quadrature_and_mc_agree(output, act):
+    pr = _problem(act, output=output)
+    u = -np.asarray(pr.y, dtype=np.float64)
+    q = duality.evaluate(pr, u, method="quadrature", plus_fraction=0.7)
+    mc = duality.evaluate(pr, u, method="mc", n_samples=2 ** 16, seed=4, plus_fraction=0.7)
+    assert q.err_D < 1e-8 and q.err_F < 1e-8
+    # MC error model: SE from the delta method; 4 SE plus the (tiny) quadrature error.
+    assert abs(q.D - mc.D) < 4 * mc.se_D + q.err_D
+    assert abs(q.F - mc.F) < 4 * mc.se_F + q.err_F
+    assert mc.ess > 0.05 * 2 ** 16
+
+
+def test_fixed_layer_sign_groups_differ_for_sigmoid():
+    pr = _problem("sigmoid", output="fixed")
+    u = -np.asarray(pr.y, dtype=np.float64)
+    plus = duality.log_partition(pr, u, plus_fraction=1.0)[0]
+    minus = duality.log_partition(pr, u, plus_fraction=0.0)[0]
+    assert abs(plus - minus) > 1e-2  # sigmoid is not odd: Z_+ != Z_-
+    mix = duality.log_partition(pr, u, plus_fraction=0.3)[0]
+    assert mix == pytest.approx(0.3 * plus + 0.7 * minus, abs=1e-10)  # mass-weighted sum of logs
+    prt = _problem("tanh", output="fixed")
+    assert duality.log_partition(prt, u, plus_fraction=1.0)[0] == pytest.approx(
+        duality.log_partition(prt, u, plus_fraction=0.0)[0], abs=1e-10)  # odd sigma: Z_+ = Z_-
+
+
+@pytest.mark.parametrize("output,act,loss", [("trained", "tanh", "squared"), ("trained", "tanh", "logistic"),
+                                             ("fixed", "sigmoid", "squared"), ("bounded", "erf", "squared")])
+def test_gradient_matches_finite_differences(output, act, loss):
+    pr = _problem(act, output=output, loss=loss, bias=True)
+    spec = _spec(pr, 0.6)
+    y = np.asarray(pr.y, dtype=np.float64)
+    u = -0.4 * y if loss == "logistic" else -y
+    nodes, _ = _Quadrature(spec, u).fixed(u)
+    ev = _eval_nodes(spec, nodes, u)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        v = rng.standard_normal(u.shape)
+        if loss == "logistic":
+            v *= -y  # keep -u y inside (0, 1)
+        e = 1e-5
+        num = (_eval_nodes(spec, nodes, u + e * v).D - _eval_nodes(spec, nodes, u - e * v).D) / (2 * e)
+        # central difference: O(e^2) truncation, O(1e-16/e) rounding
+        assert num == pytest.approx(float(ev.grad @ v), rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("output", ["trained", "bounded"])
+def test_gap_is_the_fenchel_young_residual(output):
+    pr = _problem("tanh", output=output, bias=True)
+    y = np.asarray(pr.y, dtype=np.float64)
+    u = -0.7 * y
+    ev = duality.evaluate(pr, u)
+    assert ev.F - ev.D == pytest.approx(0.5 * np.mean((u - (ev.f_hat - y)) ** 2), rel=1e-9, abs=1e-14)
+    assert ev.F >= ev.D
+
+
+def test_refusals():
+    pr = _problem("tanh")
+    u = np.zeros(pr.n)
+    with pytest.raises(TheoryNotApplicable, match="temperature"):
+        duality.evaluate(pr.replace(tau=0.0), u)
+    with pytest.raises(TheoryNotApplicable, match="mean-field"):
+        duality.evaluate(pr.replace(scaling="ntk"), u)
+    with pytest.raises(ConfigError, match="certify_method"):
+        duality.evaluate(pr, u, method="simpson")
+    with pytest.raises(ConfigError, match="dim\\(w\\) <= 2"):
+        duality.evaluate(_problem("tanh", d=3), np.zeros(24), method="quadrature")
+
+
+# ---------------------------------------------------------------------------------------
+# certify: the run-loop contract
+# ---------------------------------------------------------------------------------------
+
+
+def test_certify_contract_float32_particles():
+    ds = teacher_student(n=64, d=1, seed=0, n_test=0)
+    pr = Problem.create(ds.x, ds.y, lam=0.1, tau=0.05)  # float32 data and particles
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (2000,), jnp.float32)
+    w = jax.random.normal(jax.random.fold_in(key, 1), (2000, 2), jnp.float32)
+    assert a.dtype == jnp.float32
+    out = duality.certify(pr, a, w)
+    for k in ("dual_lower", "primal_upper", "gap", "certified", "ess", "free_energy_est", "kl_gap_est"):
+        assert k in out and isinstance(out[k], float)
+    assert out["certified"] == 1.0 and math.isnan(out["ess"])
+    assert out["dual_lower"] <= out["primal_upper"]
+    assert out["gap"] == pytest.approx(out["primal_upper"] - out["dual_lower"])
+    # same numbers from float64 copies of the same particles: the certificate is float64 inside
+    with jax.enable_x64(True):
+        out64 = duality.certify(pr, np.asarray(a, np.float64), np.asarray(w, np.float64))
+    assert out64["dual_lower"] == pytest.approx(out["dual_lower"], abs=1e-12)
+    t0 = time.perf_counter()
+    duality.certify(pr, a, w)
+    # budget is 0.2 s on an idle machine; 2 s allows for 4 other engineers on 2 cores
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_certify_mc_is_labelled_statistical():
+    pr = _problem("tanh", d=3, bias=True)
+    rng = np.random.default_rng(0)
+    a, w = rng.standard_normal(500), rng.standard_normal((500, 4))
+    out = duality.certify(pr, a, w, n_samples=2 ** 14)
+    assert out["certified"] == 0.0 and out["ess"] > 100
+    assert out["dual_lower"] < out["dual_value"] < out["primal_value"] < out["primal_upper"]
+    assert out["entropy_reliable"] == 1.0  # D = 5
+    out6 = duality.certify(_problem("tanh", d=4, bias=True), a, rng.standard_normal((500, 5)), n_samples=4096)
+    assert out6["entropy_reliable"] == 0.0  # D = 6: the k-NN entropy is flagged
+
+
+def test_certify_dual_point_is_the_particles_residual():
+    pr = _problem("tanh", bias=True)
+    rng = np.random.default_rng(1)
+    a, w = rng.standard_normal(300), rng.standard_normal((300, 2))
+    u = duality.residual_weights(pr, a, w)
+    f = (a @ np.tanh(w @ np.asarray(pr.x, np.float64).T)) / 300
+    np.testing.assert_allclose(u, f - np.asarray(pr.y, np.float64), atol=1e-12)
+    out = duality.certify(pr, a, w)
+    assert out["dual_value"] == pytest.approx(duality.dual(pr, u), abs=1e-12)
