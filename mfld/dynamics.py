@@ -69,14 +69,22 @@ class Langevin:
     scheme: ``euler`` or ``ou`` (see module docstring). batch_size: ``None`` for full batch,
     else the minibatch size (sampled without replacement from (key, step)).
     tau_schedule: ``constant`` or ``log`` -- annealing tau_t = tau / log(e + t) (Chizat 2022).
+    memory_budget: bytes for the temporaries of one drift evaluation (default
+    :data:`mfld.network.DEFAULT_MEMORY_BUDGET`); see :func:`mfld.network.plan_chunks`.
     """
 
     eta: float | jax.Array
     scheme: str = field(default="euler", metadata=dict(static=True))
     batch_size: int | None = field(default=None, metadata=dict(static=True))
     tau_schedule: str = field(default="constant", metadata=dict(static=True))
+    memory_budget: int | None = field(default=None, metadata=dict(static=True))
 
     def __post_init__(self):
+        if self.memory_budget is not None and (int(self.memory_budget) != self.memory_budget
+                                               or self.memory_budget < 1):
+            raise ConfigError("memory budget must be a positive number of bytes",
+                              field="dynamics.memory_budget", value=self.memory_budget,
+                              allowed="a positive integer or null (default 1 GiB)")
         if self.scheme not in SCHEMES:
             raise ConfigError("unknown scheme", field="dynamics.scheme", value=self.scheme,
                               allowed=", ".join(SCHEMES))
@@ -131,19 +139,31 @@ def _batch(problem: Problem, stepper: Langevin, key):
     return problem.x[idx], problem.y[idx]
 
 
-def step(problem: Problem, state: ParticleState, stepper: Langevin):
-    """One noisy gradient step. Returns ``(new_state, StepInfo)``. Pure and jittable."""
+def step(problem: Problem, state: ParticleState, stepper: Langevin, *, n_particles=None, active=None,
+         interaction_fn: Callable | None = None):
+    """One noisy gradient step. Returns ``(new_state, StepInfo)``. Pure and jittable.
+
+    ``n_particles``: the true N (default ``state.a.shape[0]``); ``active``: optional (N,)
+    mask of real particles -- rows beyond the true N are padding (see :mod:`mfld.sharding`):
+    they contribute nothing to f, do not move, and the noise of real particle i is row i
+    of the bulk draw whatever the padding. ``interaction_fn(problem, a, w, x, y,
+    n_particles=, active=)`` replaces :func:`mfld.network.interaction` (used for sharding).
+    """
     a, w = state.a, state.w
-    n_particles = a.shape[0]
+    n_particles = a.shape[0] if n_particles is None else n_particles
     kk = jax.random.fold_in(state.key, state.step)
     xb, yb = _batch(problem, stepper, jax.random.fold_in(kk, 1))
-    it = network.interaction(problem, a, w, xb, yb, n_particles=n_particles)
+    if interaction_fn is None:
+        it = network.interaction(problem, a, w, xb, yb, n_particles=n_particles, active=active,
+                                 memory_budget=stepper.memory_budget)
+    else:
+        it = interaction_fn(problem, a, w, xb, yb, n_particles=n_particles, active=active)
     eta = stepper.eta
     t = state.step.astype(w.dtype) * eta
     tau = temperature(problem, stepper, t)
     k = network.decay_rate(problem, n_particles)
     temp = tau if problem.scaling == "mean_field" else tau / n_particles
-    xi = jax.random.normal(jax.random.fold_in(kk, 0), (n_particles, w.shape[1] + 1), w.dtype)
+    xi = step_noise(kk, a.shape[0], w.shape[1] + 1, w.dtype)
     if stepper.scheme == "euler":
         sd = jnp.sqrt(2.0 * eta * temp)
         w_new = w - eta * (it.grad_w + k * w) + sd * xi[:, 1:]
@@ -155,8 +175,20 @@ def step(problem: Problem, state: ParticleState, stepper: Langevin):
         a_new = decay * (a - eta * it.grad_a) + sd * xi[:, 0]
     if problem.output == "fixed":
         a_new = a
+    if active is not None:
+        a_new = jnp.where(active, a_new, a)
+        w_new = jnp.where(active[:, None], w_new, w)
     info = StepInfo(network.risk(problem, it.f, yb), tau)
     return ParticleState(a_new, w_new, state.step + 1, state.key), info
+
+
+def step_noise(step_key, n_rows: int, dim: int, dtype):
+    """The standard normal draws of one step: row i of ``normal(fold_in(step_key, 0), (rows, D))``
+    with ``step_key = fold_in(key, step)``. One bulk threefry draw; with the partitionable
+    threefry (JAX's default) row i depends only on (key, step, i) -- not on the number of
+    rows beyond i, the chunking or the device count -- and a sharded draw generates each
+    device's rows locally. Column 0 drives ``a``, columns 1.. drive ``w``."""
+    return jax.random.normal(jax.random.fold_in(step_key, 0), (n_rows, dim), dtype)
 
 
 def run_steps(problem: Problem, state: ParticleState, stepper: Langevin, n_steps: int):
@@ -170,6 +202,13 @@ def run_steps(problem: Problem, state: ParticleState, stepper: Langevin, n_steps
 
 
 _run_steps_jit = jax.jit(run_steps, static_argnames=("n_steps",))
+# The same, donating the particle buffers of ``state`` (only for states nobody else holds).
+_run_steps_donate = jax.jit(run_steps, static_argnames=("n_steps",), donate_argnames=("state",))
+
+
+def _advance(problem, state, stepper, n, donate):
+    fn = _run_steps_donate if donate else _run_steps_jit
+    return fn(problem, state, stepper, n_steps=n)[0]
 
 
 def segment_ends(start: int, stop: int, *multiples: int) -> list[int]:
@@ -211,7 +250,8 @@ class History:
 def simulate(problem: Problem, state: ParticleState, stepper: Langevin, n_steps: int, *,
              record_every: int = 100, chunk: int | None = None,
              recorder: Callable | None = None, callback: Callable | None = None,
-             progress: bool = False, record_initial: bool = True, history: "History | None" = None):
+             progress: bool = False, record_initial: bool = True, history: "History | None" = None,
+             advance: Callable | None = None):
     """Run the dynamics from ``state.step`` up to ``state.step + n_steps``.
 
     The host loop runs jitted ``lax.scan`` segments that end on absolute multiples of
@@ -222,6 +262,11 @@ def simulate(problem: Problem, state: ParticleState, stepper: Langevin, n_steps:
     run early. Returns ``(final_state, History)``.
     Rows are appended to ``history`` if one is given (so a callback can see earlier rows).
     The trajectory does not depend on ``chunk`` or ``record_every``.
+
+    Buffers: segments whose input state was never handed out (neither the caller's state
+    nor one passed to ``callback``) donate their particle buffers to XLA, so the caller's
+    arrays stay valid. ``advance(problem, state, stepper, n, donate) -> state`` replaces the
+    jitted segment (used by :mod:`mfld.sharding`).
     """
     from mfld import observables  # local import: observables imports this module's types
 
@@ -246,17 +291,23 @@ def simulate(problem: Problem, state: ParticleState, stepper: Langevin, n_steps:
         hist.append(row)
         return stop
 
+    advance = advance or _advance
     if record_initial and start % record_every == 0:
         if take(state):
             return state, hist
     bar = _progress(stop - start, progress)
+    step_now = start
+    exposed = True  # the caller holds the input state
     try:
         for end in segment_ends(start, stop, record_every, chunk or record_every):
-            n = end - int(state.step)
-            state, _ = _run_steps_jit(problem, state, stepper, n_steps=n)
+            n = end - step_now
+            state = advance(problem, state, stepper, n, not exposed)
+            step_now = end
+            exposed = False
             if bar is not None:
                 bar.update(n)
             if end % record_every == 0 or end == stop:
+                exposed = True
                 if take(state):
                     break
                 if bar is not None and "risk" in hist.columns:

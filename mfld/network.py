@@ -6,7 +6,11 @@ The layout is particle-major: pre-activations are ``w @ x.T`` of shape ``(N, m)`
 
 The drift is *analytic*: two GEMMs (forward ``w x^T`` and the w-gradient
 ``(sigma' * u) x``), the activation and its derivative computed together, no ``(m, N, p)``
-intermediate. Autodiff of :func:`finite_loss` is the test oracle.
+intermediate. Large problems are blocked over particles and data (:func:`plan_chunks`)
+so that the temporaries stay within a memory budget and a block's activations stay in
+cache (a blocked evaluation recomputes ``w x^T`` once more: three GEMMs, but no (N, n)
+array is stored). Autodiff of :func:`finite_loss` is the test oracle, and
+:func:`autodiff_drift` is the drift computed that way.
 
 Mean-field scaling: f = (1/N) sum_i phi(theta_i; x) and the drift of particle i is
 grad V_rho(theta_i) = N * dL/dtheta_i, with L the finite-N loss
@@ -63,30 +67,193 @@ def output_scale(problem: Problem, n_particles):
     return 1.0 / n if problem.scaling == "mean_field" else jax.lax.rsqrt(n)
 
 
-def predict(problem: Problem, a, w, x=None, *, n_particles=None):
-    """Network output on features ``x`` (default: the training features)."""
+def predict(problem: Problem, a, w, x=None, *, n_particles=None, memory_budget: int | None = None):
+    """Network output on features ``x`` (default: the training features), blocked like
+    :func:`interaction` when N x m is large."""
     x = problem.x if x is None else x
     n_particles = a.shape[0] if n_particles is None else n_particles
-    s = problem.activation.fn(w @ x.T)
-    return output_scale(problem, n_particles) * (output_weight(problem, a) @ s)
+    plan = plan_chunks(w.shape[0], x.shape[0], x.dtype.itemsize, memory_budget=memory_budget)
+    a_eff = output_weight(problem, a)
+    if plan.particles >= w.shape[0] and plan.data >= x.shape[0]:
+        fsum = a_eff @ problem.activation.fn(w @ x.T)
+    else:
+        fsum = _forward_sum(problem.activation, a_eff, w, x, plan)
+    return output_scale(problem, n_particles) * fsum
 
 
-def interaction(problem: Problem, a, w, x=None, y=None, *, n_particles=None) -> Interaction:
-    """Fused forward and backward pass on a batch (default: all training data)."""
+# ---------------------------------------------------------------------------- chunking
+#: Default budget (bytes) for the temporaries of one drift evaluation (see :func:`plan_chunks`).
+DEFAULT_MEMORY_BUDGET = 1 << 30
+#: Target number of (particle, data) pairs per block: big enough that the GEMMs run near
+#: peak, small enough that a block's activations stay in the last-level cache slice of a
+#: core. Measured on a 2-core AVX-512 machine (benchmarks/README.md).
+BLOCK_TARGET = 1 << 22
+#: Temporaries of shape (block particles, block data) alive at once inside a block:
+#: pre-activations/sigma, sigma' * u (and the GEMM's output).
+_BLOCK_BUFFERS = 3
+
+
+class ChunkPlan(NamedTuple):
+    """How a drift evaluation is blocked: ``particles`` per particle chunk and ``data`` rows
+    per data chunk. One block holds ``particles x data`` pre-activations."""
+
+    particles: int
+    data: int
+
+    def n_blocks(self, n_particles, n_data):
+        return -(-n_particles // self.particles), -(-n_data // self.data)
+
+
+def plan_chunks(n_particles: int, n_data: int, itemsize: int = 4, *,
+                memory_budget: int | None = None, block_target: int | None = None) -> ChunkPlan:
+    """Choose the blocking of a drift evaluation over (particles, data).
+
+    Memory formula (bytes) of the temporaries of one evaluation with blocks of ``c``
+    particles and ``b`` data rows::
+
+        temporaries = 3 * c * b * itemsize            (sigma, sigma' u, GEMM output)
+
+    ``c * b`` is the largest of ``min(N n, block_target)`` that keeps the temporaries within
+    ``memory_budget``; the data axis is split only when even 8 particles times all ``n``
+    rows exceed the budget. The whole step adds the particle arrays and the data::
+
+        step total ~= 6 * N * D * itemsize + 2 * n * p * itemsize + temporaries
+
+    (state in and out, the drift, the noise draw and padding copies; see docs/performance.md).
+    Block sizes are balanced so the padding is less than one row per block.
+    """
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    target = BLOCK_TARGET if block_target is None else int(block_target)
+    max_pairs = max(1, budget // (_BLOCK_BUFFERS * itemsize))
+    pairs = max(1, min(target, max_pairs))
+    n_particles, n_data = int(n_particles), int(n_data)
+    if n_particles * n_data <= pairs:
+        return ChunkPlan(n_particles, n_data)
+    min_c = min(8, n_particles)
+    if min_c * n_data <= max_pairs:
+        b = n_data
+        c = max(min_c, pairs // n_data)
+    else:  # split the data too
+        c = min_c
+        b = max(1, max_pairs // c)
+    c = _balanced(n_particles, c)
+    b = _balanced(n_data, b)
+    return ChunkPlan(c, b)
+
+
+def _balanced(total, size):
+    size = max(1, min(size, total))
+    k = -(-total // size)
+    return -(-total // k)
+
+
+def _pad_rows(v, rows):
+    extra = rows - v.shape[0]
+    if extra == 0:
+        return v
+    return jnp.pad(v, [(0, extra)] + [(0, 0)] * (v.ndim - 1))
+
+
+def _forward_sum(act, a_eff, w, x, plan: ChunkPlan):
+    """F_j = sum_i a_eff_i sigma(w_i . x_j) over all particles, blocked (no scale)."""
+    N, m = w.shape[0], x.shape[0]
+    nc, nb = plan.n_blocks(N, m)
+    c, b = plan.particles, plan.data
+    wc = _pad_rows(w, nc * c).reshape(nc, c, -1)
+    ac = _pad_rows(a_eff, nc * c).reshape(nc, c)
+
+    def over_particles(xj):
+        def body(acc, blk):
+            ai, wi = blk
+            return acc + ai @ act.fn(wi @ xj.T), None
+
+        return jax.lax.scan(body, jnp.zeros(xj.shape[0], x.dtype), (ac, wc))[0]
+
+    if nb == 1:
+        return over_particles(x)
+    xb = _pad_rows(x, nb * b).reshape(nb, b, -1)
+    return jax.lax.map(over_particles, xb).reshape(-1)[:m]
+
+
+def _backward_sums(act, w, x, u, plan: ChunkPlan):
+    """G_i = sum_j u_j sigma(w_i.x_j) and H_i = sum_j u_j sigma'(w_i.x_j) x_j, blocked."""
+    N, m = w.shape[0], x.shape[0]
+    nc, nb = plan.n_blocks(N, m)
+    c, b = plan.particles, plan.data
+    wc = _pad_rows(w, nc * c).reshape(nc, c, -1)
+    if nb > 1:
+        xb = _pad_rows(x, nb * b).reshape(nb, b, -1)
+        ub = _pad_rows(u, nb * b).reshape(nb, b)  # padded rows carry u = 0: no contribution
+
+    def block(wi, xj, uj):
+        s, ds = act.value_and_derivative(wi @ xj.T)
+        return s @ uj, (ds * uj[None, :]) @ xj
+
+    def per_chunk(wi):
+        if nb == 1:
+            return block(wi, x, u)
+
+        def body(acc, blk):
+            g, h = block(wi, *blk)
+            return (acc[0] + g, acc[1] + h), None
+
+        init = (jnp.zeros(wi.shape[0], x.dtype), jnp.zeros(wi.shape, x.dtype))
+        return jax.lax.scan(body, init, (xb, ub))[0]
+
+    g, h = jax.lax.map(per_chunk, wc)
+    return g.reshape(-1)[:N], h.reshape(nc * c, -1)[:N]
+
+
+def interaction(problem: Problem, a, w, x=None, y=None, *, n_particles=None, active=None,
+                plan: ChunkPlan | None = None, memory_budget: int | None = None,
+                axis_name=None) -> Interaction:
+    """Fused forward and backward pass on a batch (default: all training data).
+
+    ``n_particles``: the true N of the 1/N (or 1/sqrt N) scale (default ``a.shape[0]``).
+    ``active``: optional (N,) mask; inactive (padding) particles contribute nothing to f
+    and get zero drift from the interaction. ``plan``/``memory_budget``: blocking over
+    particles and data (default :func:`plan_chunks` of the shapes); one block computes
+    sigma once -- a single block reuses the forward activations for the backward pass, several
+    blocks recompute them blockwise so no (N, n) array is ever stored. ``axis_name``: when the
+    particles are sharded (inside ``shard_map``), the per-device partial sums of f are
+    ``psum``-ed over this axis.
+
+    The result is independent of the blocking up to reassociation of the sums.
+    """
     x = problem.x if x is None else x
     y = problem.y if y is None else y
     m = x.shape[0]
     n_particles = a.shape[0] if n_particles is None else n_particles
     scale = output_scale(problem, n_particles)
-    s, ds = problem.activation.value_and_derivative(w @ x.T)  # (N, m) each
+    act = problem.activation
     a_eff = output_weight(problem, a)
-    f = scale * (a_eff @ s)
-    u = problem.loss.derivative(f, y)
-    g = (s @ u) / m
+    if active is not None:
+        a_eff = jnp.where(active, a_eff, 0.0)
+    if plan is None:
+        plan = plan_chunks(w.shape[0], m, x.dtype.itemsize, memory_budget=memory_budget)
+    if plan.particles >= w.shape[0] and plan.data >= m:
+        # one block: sigma and sigma' together, the forward activations reused backwards
+        s, ds = act.value_and_derivative(w @ x.T)  # (N, m) each
+        fsum = a_eff @ s
+        if axis_name is not None:
+            fsum = jax.lax.psum(fsum, axis_name)
+        f = scale * fsum
+        u = problem.loss.derivative(f, y)
+        gsum, hsum = s @ u, (ds * u[None, :]) @ x
+    else:
+        fsum = _forward_sum(act, a_eff, w, x, plan)
+        if axis_name is not None:
+            fsum = jax.lax.psum(fsum, axis_name)
+        f = scale * fsum
+        u = problem.loss.derivative(f, y)
+        gsum, hsum = _backward_sums(act, w, x, u, plan)
+    g = gsum / m
     # Under mean-field scaling N dL/dtheta cancels the 1/N; under NTK 1/sqrt(N) remains.
     c = 1.0 if problem.scaling == "mean_field" else scale
     grad_a = c * output_weight_derivative(problem, a) * g
-    grad_w = (c * a_eff / m)[:, None] * ((ds * u[None, :]) @ x)
+    grad_w = (c * a_eff / m)[:, None] * hsum
+    if active is not None:
+        grad_a = jnp.where(active, grad_a, 0.0)
     return Interaction(f, u, g, grad_a, grad_w)
 
 
@@ -97,14 +264,14 @@ def decay_rate(problem: Problem, n_particles):
     return problem.lam / n_particles
 
 
-def potential_gradient(problem: Problem, a, w, x=None, y=None, *, n_particles=None):
+def potential_gradient(problem: Problem, a, w, x=None, y=None, *, n_particles=None, **blocking):
     """The full particle drift (grad_a, grad_w): interaction plus weight decay.
 
     Mean field: grad V_rho(theta_i). NTK: dL/dtheta_i. For a fixed output layer the
-    a-component is zero.
+    a-component is zero. ``blocking``: ``plan``/``memory_budget`` of :func:`interaction`.
     """
     n_particles = a.shape[0] if n_particles is None else n_particles
-    it = interaction(problem, a, w, x, y, n_particles=n_particles)
+    it = interaction(problem, a, w, x, y, n_particles=n_particles, **blocking)
     k = decay_rate(problem, n_particles)
     ga = it.grad_a + (0.0 if problem.output == "fixed" else k * a)
     return ga, it.grad_w + k * w, it
@@ -128,3 +295,17 @@ def finite_loss(problem: Problem, a, w):
     """Finite-N training loss L = R(rho_N) + (lam/2N) sum_i |theta_i|^2 (autodiff oracle)."""
     f = predict(problem, a, w)
     return risk(problem, f) + problem.lam * regulariser(problem, a, w)
+
+
+def autodiff_drift(problem: Problem, a, w):
+    """The particle drift by autodiff of :func:`finite_loss` (reference path).
+
+    Mean field: N dL/dtheta_i; NTK: dL/dtheta_i -- the same quantities as
+    :func:`potential_gradient`. A fixed output layer gets a zero a-component.
+    """
+    n = a.shape[0]
+    ga, gw = jax.grad(lambda aa, ww: finite_loss(problem, aa, ww), argnums=(0, 1))(a, w)
+    c = n if problem.scaling == "mean_field" else 1.0
+    if problem.output == "fixed":
+        ga = jnp.zeros_like(a)
+    return c * ga, c * gw
