@@ -24,7 +24,9 @@ DATA_KINDS = ("teacher_student", "single_index", "gaussian_mixture", "sparse_par
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no silent coercion ("3" is not a number, true is not an integer, 2.0 is not a
+    # step count); an int is accepted where a float is expected. NaN and inf are refused.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -85,7 +87,8 @@ class RecordConfig(_Section):
         for name in ("certify_every", "checkpoint_every", "snapshot_every"):
             v = getattr(self, name)
             if v and v % self.every:
-                raise ValueError(f"record.{name}={v} must be a multiple of record.every={self.every}")
+                raise ConfigError(f"must be a multiple of record.every={self.every}", field=f"record.{name}",
+                                  value=v, allowed=f"0 or a multiple of {self.every}")
         return self
 
 
@@ -104,8 +107,9 @@ class Config(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v):
-        if not v or any(c in v for c in "/\\\n"):
-            raise ValueError("name must be non-empty and contain no slashes or newlines")
+        if not v or any(c in v for c in "/\\\n\r\0") or v in (".", ".."):
+            raise ConfigError("invalid run name", field="name", value=v,
+                              allowed="a non-empty label without slashes or newlines")
         return v
 
     def to_dict(self) -> dict:
@@ -138,26 +142,51 @@ def _suggest(bad: str, candidates: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+_TYPE_ALLOWED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "bool_type": "true or false", "bool_parsing": "true or false",
+    "string_type": "a string", "dict_type": "a mapping", "model_type": "a mapping of fields",
+    "model_attributes_type": "a mapping of fields", "none_required": "null",
+}
+
+
+def _allowed_from_error(e: dict) -> str:
+    ctx = e.get("ctx") or {}
+    kind = e["type"]
+    number = "an integer" if isinstance(ctx.get("ge", ctx.get("gt", ctx.get("le", ctx.get("lt")))), int) \
+        else "a number"
+    bounds = {"greater_than": f"{number} > {ctx.get('gt')}", "greater_than_equal": f"{number} >= {ctx.get('ge')}",
+              "less_than": f"{number} < {ctx.get('lt')}", "less_than_equal": f"{number} <= {ctx.get('le')}"}
+    if kind in bounds:
+        return bounds[kind]
+    if kind == "literal_error":
+        return "one of " + ctx.get("expected", "").replace(" or ", ", ")
+    return _TYPE_ALLOWED.get(kind, e["msg"].replace("Input should be ", ""))
+
+
 def _format_error(err: ValidationError) -> ConfigError:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+    """The first validation problem as a one-line :class:`ConfigError` (field, value, allowed)."""
+    errors = err.errors()
+    # Union types (``int | None``) report one error per member: prefer the informative one.
+    e = next((x for x in errors if x["type"] != "none_required"), errors[0])
+    parts = [str(p) for p in e["loc"] if not isinstance(p, int)
+             and p not in ("int", "float", "none", "function-after[_name(), str]")]
+    loc = ".".join(parts)
     kind = e["type"]
     value = e.get("input")
+    exc = (e.get("ctx") or {}).get("error")
+    if isinstance(exc, ConfigError):  # raised by a validator with its own field and allowed text
+        return exc
     if kind == "extra_forbidden":
         section = loc.rsplit(".", 1)[0] if "." in loc else ""
         allowed = [p for p in _all_paths(Config)
                    if (section and "." in p and p.rsplit(".", 1)[0] == section) or (not section and "." not in p)]
         return ConfigError(f"unknown key{_suggest(loc, _all_paths(Config))}", field=loc,
                            allowed=", ".join(a.rsplit('.', 1)[-1] for a in allowed))
-    msg = e["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    if kind == "literal_error":
-        return ConfigError(f"invalid value {value!r}", field=loc or None,
-                           allowed=msg.replace("Input should be ", ""))
-    if not loc or kind == "value_error" and isinstance(value, dict):
-        return ConfigError(msg, field=loc or None)
-    return ConfigError(f"invalid value {_short(value)} ({msg})", field=loc)
+    if kind == "missing":
+        return ConfigError("missing value", field=loc or None)
+    return ConfigError(f"invalid value {_short(value)}", field=loc or "config", allowed=_allowed_from_error(e))
 
 
 def _short(v) -> str:
@@ -200,6 +229,12 @@ def apply_overrides(data: dict, overrides: list[str] | dict | None) -> dict:
         if parts[0] != "data" or len(parts) < 3 or parts[1] != "params":
             if key not in valid:
                 raise ConfigError(f"unknown key '{key}'{_suggest(key, valid)}", field="--set")
+        if parts[:2] == ["data", "params"] and len(parts) > 2:
+            sec = data.setdefault("data", {})
+            if isinstance(sec, dict) and "params" not in sec and sec.get("kind", "teacher_student") == \
+                    DataConfig.model_fields["kind"].default:
+                # one generator parameter overridden: keep the default problem's other parameters
+                sec["params"] = DataConfig().params
         node = data
         for p in parts[:-1]:
             nxt = node.get(p)
@@ -284,3 +319,40 @@ def _allowed_text(f) -> str:
     if getattr(f.annotation, "__origin__", None) is Literal or (args and all(isinstance(a, str) for a in args)):
         return "one of " + ", ".join(args)
     return ""
+
+
+# ---------------------------------------------------------------------------------------
+# Comparing configs (resume)
+# ---------------------------------------------------------------------------------------
+
+#: Fields a resumed run may change: extending a run (more steps) and cosmetics.
+RESUME_MAY_CHANGE = ("dynamics.steps", "record.progress")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (``data.params`` entries are flattened too)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def differences(a: Config, b: Config) -> list[tuple[str, object, object]]:
+    """The fields whose values differ between two configs: ``[(dotted_key, a_value, b_value)]``."""
+    fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def check_resumable(stored: Config, given: Config) -> None:
+    """Refuse to resume a run under a different config (only :data:`RESUME_MAY_CHANGE` may differ)."""
+    bad = [d for d in differences(stored, given) if d[0] not in RESUME_MAY_CHANGE]
+    if bad:
+        key, old, new = bad[0]
+        more = f" (and {len(bad) - 1} more field{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+        raise ConfigError(f"the config differs from the stored run at {key}: stored {old!r}, given {new!r}{more}",
+                          field="--resume", allowed="the stored config; only " + ", ".join(RESUME_MAY_CHANGE)
+                          + " may change")
