@@ -250,3 +250,43 @@ def test_weak_duality_and_gap_decay_along_a_run():
     # the gap falls by two orders of magnitude; at the end it sits at its O(1/N) particle floor,
     # which fluctuates from record to record, hence the median of the last half
     assert np.median(gap[len(gap) // 2:]) < gap[0] / 100
+
+
+# ---------------------------------------------------------------------------------------
+# CLI and figure
+# ---------------------------------------------------------------------------------------
+
+
+def test_cli_optimum_default_problem_under_a_minute(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "mfld.cli", "optimum", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    wall = time.perf_counter() - t0
+    assert res.returncode == 0, res.stderr
+    assert wall < 60  # acceptance: under a minute on 2 cores (about 2 s idle)
+    d = json.loads((tmp_path / "optimum.json").read_text())
+    assert d["certified"] and d["method"] == "quadrature" and d["F_star_err"] < 1e-8
+    assert d["F_star"] <= d["F_star_upper"] <= d["F_star"] + d["F_star_err"] + 1e-15
+    bad = subprocess.run([sys.executable, "-m", "mfld.cli", "optimum", "--set", "objective.tau=0",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "tau" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_plot_gap_writes_figure_and_fits_the_rate(tmp_path):
+    from mfld.app.certificate_plots import plot_gap
+
+    t = np.arange(0.0, 20.0, 0.5)
+    rng = np.random.default_rng(0)
+    gap = np.exp(-0.8 * t) * np.exp(0.05 * rng.standard_normal(t.size)) + 1e-6
+    lower = -1.0 - 0.5 * gap
+    metrics = {"t": t, "dual_lower": lower, "primal_upper": lower + gap, "certified": np.ones_like(t),
+               "risk": np.zeros_like(t)}
+    metrics["dual_lower"][3] = np.nan  # a record without a certificate is skipped
+    rate = plot_gap(metrics, tmp_path / "figures" / "gap.png", F_star=-1.0)
+    assert (tmp_path / "figures" / "gap.png").stat().st_size > 10_000
+    assert rate == pytest.approx(0.8, rel=0.05)  # the straight part, before the 1e-6 floor
