@@ -77,12 +77,24 @@ def plot_gap(metrics, out_path, F_star=None):
                 label="gap: upper − lower bound on F*" + (" (Monte Carlo, ±2 SE)" if statistical else " (certified)"))
     rate = None
     fit = _fit(t, gap) if pos.sum() >= 3 else None
-    if fit is not None:
+    if fit is not None and fit.rate > 0 and fit.ci_low > 0:
         tt = np.linspace(fit.t_start, fit.t_end, 50)
         ax.semilogy(tt, np.exp(fit.intercept - fit.rate * tt), "--", color="k", lw=2.2, zorder=5,
                     label=f"fit: gap ∝ exp(−{fit.rate:.3g} t)  (95% CI {fit.ci_low:.2g}–{fit.ci_high:.2g},"
                           f" t∈[{fit.t_start:.3g}, {fit.t_end:.3g}])")
         rate = float(fit.rate)
+    elif pos.sum() >= 2:
+        # too few records on the straight part for a regression: the average rate from the
+        # first record to the first one a decade lower is still a (two-point) statement
+        g0 = gap[pos][0]
+        t0 = t[pos][0]
+        later = np.nonzero(pos & (t > t0) & (gap <= g0 / 10))[0]
+        if later.size:
+            i = later[0]
+            r2 = float(np.log(g0 / gap[i]) / (t[i] - t0))
+            ax.semilogy([t0, t[i]], [g0, gap[i]], ":", color="k", lw=2.0, zorder=5,
+                        label=f"average rate {r2:.3g} over t∈[{t0:.3g}, {t[i]:.3g}] (too few records "
+                              "for a fit: lower record.certify_every)")
     if F_star is not None:
         F_star = float(F_star)
         d_up = up - F_star
