@@ -36,7 +36,7 @@ def test_quickstart_runs_and_learns(tmp_path, monkeypatch, capsys):
     assert hist["risk"][-1] < 0.5 * hist["risk"][0]
     # load_run returns exactly what the run wrote (round-trip float format).
     np.testing.assert_array_equal(run.metrics["risk"], res.metrics["risk"])
-    assert run.a.shape == (2000,) and run.w.shape == (2000, 2)
+    assert run.a.shape == (run.config["model"]["n_particles"],) and run.w.shape == (run.a.shape[0], 2)
     assert (tmp_path / "runs" / "quickstart" / "figures" / "function.png").exists()
 
 
