@@ -15,6 +15,7 @@ import click
 from mfld.errors import ConfigError, TheoryNotApplicable
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3  # the run diverged (summary status "diverged"); interrupted runs exit 128 + signal
 
 
 class OneLineGroup(click.Group):
@@ -42,6 +43,13 @@ class OneLineGroup(click.Group):
         except (ConfigError, TheoryNotApplicable) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:  # a second Ctrl-C during a run (the first one checkpoints and stops)
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except OSError as e:  # the file system refused (permissions, disk full, read-only ...): one line
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,29 +67,39 @@ def _set_x64(enabled: bool):
 
 
 @cli.command()
-@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.argument("config", required=False, type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Dotted override, e.g. --set objective.tau=0.01 (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory.")
 @click.option("--x64", is_flag=True, help="Run the particles in float64 (precision: float64).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
-@click.option("--resume", "resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--resume", "resume", is_flag=True,
+              help="Continue the run in --out (or: mfld run --resume RUN_DIR) from its checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(config, overrides, out, x64, overwrite, resume, quiet):
     """Train on CONFIG (YAML; default: the embedded teacher-student problem)."""
     from mfld import config as cfgmod
+    from mfld.app import runner  # no JAX at import: config, data and run-directory checks first
 
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other", field="--overwrite",
+                          allowed="one of --resume (continue) or --overwrite (start again)")
     ov = list(overrides) + (["precision=float64"] if x64 else [])
-    cfg = cfgmod.load(config, ov)  # validated before JAX is imported
-    if resume and out is None:
-        raise ConfigError("--resume needs --out RUN_DIR", field="--resume")
+    if resume and out is None and config is not None and os.path.isdir(config):
+        config, out = None, config  # mfld run --resume RUN_DIR
+    # the config (a resume must match the stored one) and its data, validated before JAX is imported
+    cfg = runner.resolve_resume_config(out, config, ov) if resume else cfgmod.load(config, ov)
+    dataset = runner.make_dataset(cfg)
+    runner.check_data(cfg, dataset)
     _set_x64(cfg.precision == "float64")
-    from mfld.app.runner import run as do_run
-
-    res = do_run(cfg, out=out, overwrite=overwrite, resume=resume, progress=not quiet and cfg.record.progress)
+    res = runner.run(cfg, out=out, overwrite=overwrite, resume=resume, progress=not quiet and cfg.record.progress,
+                     dataset=dataset)
     _print_summary(res)
-    if res.summary.get("status") == "diverged":
-        sys.exit(3)
+    status = res.summary.get("status")
+    if status == "diverged":
+        sys.exit(EXIT_DIVERGED)
+    if status == "interrupted":
+        sys.exit(128 + int(res.summary.get("signal") or 2))
 
 
 def _print_summary(res):
@@ -115,9 +133,9 @@ def config_cmd(plain):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def validate(config, overrides):
     """Check CONFIG without running it."""
-    from mfld import config as cfgmod
+    from mfld.app.runner import validate_inputs  # the config and its data; no JAX
 
-    cfg = cfgmod.load(config, list(overrides))
+    cfg = validate_inputs(config, list(overrides))
     click.echo(f"ok: {config} ({cfg.model.n_particles} particles, {cfg.dynamics.steps} steps)")
 
 
@@ -129,6 +147,17 @@ def plot(run_dir):
 
     for name in replot(run_dir):
         click.echo(os.path.join(run_dir, "figures", name))
+
+
+@cli.command("optimum")
+@click.argument("config", required=False, type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), default=".", help="Directory for optimum.json.")
+def optimum_cmd(config, overrides, out):
+    """Solve for the global optimum F* of CONFIG's problem; write optimum.json."""
+    from mfld.app.optimum_cmd import main as optimum_main
+
+    optimum_main(config, list(overrides), out)
 
 
 def main(argv=None):

@@ -52,7 +52,7 @@ class ModelConfig(_Section):
     output: Literal["trained", "fixed", "bounded"] = "trained"
     r_out: float = Field(default=1.0, gt=0, description="bound of the bounded output layer")
     scaling: Literal["mean_field", "ntk"] = "mean_field"
-    n_particles: int = Field(default=2000, ge=1, description="number of neurons N")
+    n_particles: int = Field(default=4000, ge=1, description="number of neurons N")
     init: InitConfig = Field(default_factory=InitConfig)
 
 
@@ -64,16 +64,16 @@ class ObjectiveConfig(_Section):
 
 class DynamicsConfig(_Section):
     scheme: Literal["euler", "ou"] = "euler"
-    eta: float = Field(default=0.05, gt=0, description="step size; time t = step * eta")
-    steps: int = Field(default=2000, ge=0)
+    eta: float = Field(default=0.02, gt=0, description="step size; time t = step * eta")
+    steps: int = Field(default=1000, ge=0)
     batch_size: int | None = Field(default=None, ge=1, description="minibatch size (null: full batch)")
     tau_schedule: Literal["constant", "log"] = "constant"
     chunk: int | None = Field(default=None, ge=1, description="steps per compiled chunk (default: record.every)")
 
 
 class RecordConfig(_Section):
-    every: int = Field(default=20, ge=1, description="record metrics every K steps")
-    certify_every: int = Field(default=100, ge=0,
+    every: int = Field(default=10, ge=1, description="record metrics every K steps")
+    certify_every: int = Field(default=10, ge=0,
                                description="record the dual/primal bounds every K steps (0: off)")
     certify_method: Literal["auto", "quadrature", "mc"] = "auto"
     certify_samples: int = Field(default=65536, ge=16, description="Monte Carlo samples for log Z")
@@ -241,7 +241,9 @@ def apply_overrides(data: dict, overrides: list[str] | dict | None) -> dict:
             if nxt is None:
                 nxt = node[p] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"'{p}' is not a section", field="--set", value=key)
+                where = ".".join(parts[:parts.index(p) + 1])
+                raise ConfigError(f"invalid value {_short(nxt)} (needed by --set {key})", field=where,
+                                  allowed="a mapping of fields (a section)")
             node = nxt
         node[parts[-1]] = parse_value(value) if isinstance(value, str) else value
     return data

@@ -45,6 +45,7 @@ def resolve_config(config=None, overrides=None) -> cfgmod.Config:
 
 
 def make_dataset(cfg: cfgmod.Config, x=None, y=None, x_test=None, y_test=None):
+    """The run's data: the user's arrays, or ``data.kind`` with ``data.params`` (NumPy only, no JAX)."""
     from mfld import data
 
     if x is not None or y is not None:
@@ -54,11 +55,79 @@ def make_dataset(cfg: cfgmod.Config, x=None, y=None, x_test=None, y_test=None):
                             None if x_test is None else np.asarray(x_test),
                             None if y_test is None else np.asarray(y_test), {"kind": "arrays"})
     seed = cfg.seed if cfg.data.seed is None else cfg.data.seed
-    if hasattr(data, "make_dataset"):
-        return data.make_dataset(cfg.data.kind, seed=seed, **cfg.data.params)
-    if cfg.data.kind != "teacher_student":  # pragma: no cover - transitional
-        raise ConfigError("data kind not available", field="data.kind", value=cfg.data.kind)
-    return data.teacher_student(seed=seed, **cfg.data.params)
+    return data.make_dataset(cfg.data.kind, seed=seed, **cfg.data.params)
+
+
+def check_data(cfg: cfgmod.Config, dataset) -> None:
+    """Checks of the data against the config that need no JAX (the shapes, NaN/inf and labels
+    are checked again by :meth:`mfld.problem.Problem.create`):
+
+    - labels in {-1, +1} for the logistic loss (train and test);
+    - for a user's data (a file or arrays): no constant input column and a non-constant target;
+    - ``dynamics.batch_size`` at most the number of training points.
+    """
+    where = "data.params.path" if cfg.data.kind == "file" and dataset.meta.get("kind") != "arrays" else "data"
+    x = np.asarray(dataset.x, dtype=np.float64)
+    y = np.asarray(dataset.y, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ConfigError(f"inputs of shape {x.shape} and targets of shape {y.shape} do not match", field=where,
+                          allowed="x of shape (n, d) and y of shape (n,) with n >= 1")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ConfigError("the data contain NaN or inf", field=where, allowed="finite numbers")
+    if cfg.objective.loss == "logistic":
+        for name, lab in (("y", y), ("y_test", dataset.y_test)):
+            if lab is None:
+                continue
+            lab = np.asarray(lab, dtype=np.float64)
+            bad = np.unique(lab[~np.isin(lab, (-1.0, 1.0))])
+            if bad.size:
+                raise ConfigError(f"the logistic loss needs labels -1 and +1 but {name} has "
+                                  f"{', '.join(f'{v:g}' for v in bad[:4])}{' ...' if bad.size > 4 else ''}",
+                                  field=where if where != "data" else
+                                  ("data.y" if dataset.meta.get("kind") == "arrays" else "objective.loss"),
+                                  allowed="labels in {-1, +1} (map 0/1 labels to -1/+1), or loss: squared")
+    user = cfg.data.kind == "file" or dataset.meta.get("kind") == "arrays"
+    if user and x.shape[0] >= 2:
+        const = [j for j in range(x.shape[1]) if np.all(x[:, j] == x[0, j])]
+        if const:
+            names = dataset.meta.get("x_columns") or _csv_input_names(cfg)
+            which = ", ".join(repr(names[j]) if names and j < len(names) else f"column {j}" for j in const[:3])
+            raise ConfigError(f"input {which} is constant (value {x[0, const[0]]:g})", field=where,
+                              allowed="inputs that vary (drop constant columns; model.bias adds the constant)")
+        if np.all(y == y[0]):
+            raise ConfigError(f"the target is constant (value {y[0]:g})", field=where,
+                              allowed="a target that varies")
+    bs = cfg.dynamics.batch_size
+    if bs is not None and bs > x.shape[0]:
+        raise ConfigError(f"the minibatch is larger than the {x.shape[0]} training points", field="dynamics.batch_size",
+                          value=bs, allowed=f"1..{x.shape[0]}, or null for full batch")
+
+
+def _csv_input_names(cfg) -> list | None:
+    """The input column names of a CSV data file (for messages), or None."""
+    import csv
+
+    p = cfg.data.params
+    path = str(p.get("path", ""))
+    if cfg.data.kind != "file" or not path.lower().endswith(".csv"):
+        return None
+    if p.get("x_columns") is not None:
+        return [p["x_columns"]] if isinstance(p["x_columns"], str) else list(p["x_columns"])
+    try:
+        with open(Path(path).expanduser(), newline="") as f:
+            header = [h.strip() for h in next(csv.reader(f))]
+    except (OSError, StopIteration):
+        return None
+    return [h for h in header if h != p.get("y_column", "y")]
+
+
+def validate_inputs(config=None, overrides=None):
+    """Everything ``mfld validate`` checks, without JAX: the config, then its data."""
+    cfg = resolve_config(config, overrides)
+    check_data(cfg, make_dataset(cfg))
+    return cfg
 
 
 def build_problem(cfg: cfgmod.Config, dataset):
@@ -99,53 +168,174 @@ def certificates_available(problem) -> str | None:
     return None
 
 
+def resolve_resume_config(out, config=None, overrides=None) -> cfgmod.Config:
+    """The config of a resumed run: the stored one (``config.yaml`` of ``out``) with ``overrides``,
+    or ``config`` + ``overrides`` -- which must then equal the stored config except for the
+    fields in :data:`mfld.config.RESUME_MAY_CHANGE` (``dynamics.steps`` extends a run)."""
+    if out is None:
+        raise ConfigError("--resume needs the run directory", field="--resume", allowed="--out RUN_DIR")
+    path = Path(out) / rundir.CONFIG
+    if not path.is_file():
+        raise ConfigError("nothing to resume: no run in this directory", field="--resume", value=str(out),
+                          allowed="a run directory holding config.yaml")
+    try:
+        stored = cfgmod.validate(cfgmod.read_yaml(path))
+    except ConfigError as err:
+        raise ConfigError(f"the stored config is not valid ({err})", field="--resume", value=str(path)) from None
+    if config is None:
+        given = cfgmod.validate(cfgmod.apply_overrides(stored.to_dict(), overrides))
+    else:
+        given = resolve_config(config, overrides)
+    cfgmod.check_resumable(stored, given)
+    return given
+
+
 def run(config=None, *, overrides=None, x=None, y=None, x_test=None, y_test=None, out=None,
         overwrite: bool = False, resume: bool = False, progress: bool | None = None,
-        write: bool = True) -> RunResult:
+        write: bool = True, handle_signals: bool = True, dataset=None) -> RunResult:
     """Train a mean-field two-layer network by noisy gradient descent and record everything.
 
     Args:
-        config: a :class:`mfld.config.Config`, a dict of config sections, a YAML path, or None.
+        config: a :class:`mfld.config.Config`, a dict of config sections, a YAML path, or None
+            (with ``resume``: None means the run directory's stored config).
         overrides: dotted overrides, e.g. ``{"objective.tau": 0.01}`` or ``["objective.tau=0.01"]``.
         x, y (, x_test, y_test): a user's own data as arrays (replaces the ``data`` section).
         out: run directory (default ``runs/<name>-<timestamp>``); ``write=False`` writes nothing.
-        overwrite / resume: what to do when ``out`` already holds a run.
+        overwrite: replace an existing run in ``out``. resume: continue the run in ``out`` from
+            its checkpoint (bit-identical to an uninterrupted run; see docs/runs.md).
+        handle_signals: while writing a run (main thread only), SIGINT/SIGTERM stop it at the
+            next record with a checkpoint and summary status ``interrupted``.
+        dataset: an already built :class:`mfld.data.Dataset` for this config (the CLI builds and
+            checks it before importing JAX); default: built from the config (or ``x, y``).
+
+    Every user mistake (config, data, run directory) raises :class:`ConfigError` before
+    anything is written. ``summary["status"]`` is ``completed``, ``diverged`` (non-finite
+    particles or risk: the last finite state is checkpointed and ``suggested_eta`` given),
+    ``interrupted`` or ``failed`` (an unexpected error, re-raised after the summary is written).
     """
-    cfg = resolve_config(config, overrides)
+    cfg = resolve_resume_config(out, config, overrides) if resume else resolve_config(config, overrides)
     with precision_context(cfg.precision):
-        return _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write)
+        return _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, handle_signals, dataset)
 
 
-def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write):
-    import jax
-    import jax.numpy as jnp
+class _Signals:
+    """SIGINT/SIGTERM -> a flag checked at each record (a second signal aborts at once)."""
 
+    def __init__(self, enabled: bool):
+        import signal
+        import threading
+
+        self.signum = None
+        self._old = {}
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: stop now (files on disk stay consistent)
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def data_fingerprint(dataset) -> str:
+    """SHA-256 of the data (x, y and the test split, as float64): a resume must see the same data."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for arr in (dataset.x, dataset.y, dataset.x_test, dataset.y_test):
+        if arr is not None:
+            a = np.ascontiguousarray(np.asarray(arr, dtype=np.float64))
+            h.update(str(a.shape).encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _is_finite_row(row) -> bool:
+    return all(math.isfinite(row.get(k, 0.0)) for k in ("risk", "reg_risk", "grad_norm"))
+
+
+def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, handle_signals, dataset=None):
     from mfld import dynamics
+    from mfld.app.lock import RunLock
 
     t_start = time.perf_counter()
     notes: list[str] = []
     out_dir = Path(out) if out is not None else (default_out_dir(cfg) if write else None)
+
+    # ---- everything that can be a user mistake is checked before anything is written ----
     if write:
-        _prepare_dir(out_dir, overwrite, resume)
-    dataset = make_dataset(cfg, x, y, x_test, y_test)
+        _check_out_dir(out_dir, overwrite, resume)
+    if dataset is None:
+        dataset = make_dataset(cfg, x, y, x_test, y_test)
+    check_data(cfg, dataset)
     problem = build_problem(cfg, dataset)
     stepper = dynamics.Langevin(eta=cfg.dynamics.eta, scheme=cfg.dynamics.scheme,
                                 batch_size=cfg.dynamics.batch_size, tau_schedule=cfg.dynamics.tau_schedule)
     state = dynamics.init_particles(problem, cfg.model.n_particles, cfg.seed, a_scale=cfg.model.init.a_scale,
                                     w_scale=cfg.model.init.w_scale, plus_fraction=cfg.model.init.plus_fraction)
+    fingerprint = data_fingerprint(dataset)
     prior = None
-    if write and resume and (out_dir / rundir.CHECKPOINT).exists():
-        ck = rundir.load_checkpoint(out_dir / rundir.CHECKPOINT)
-        state = dynamics.ParticleState(jnp.asarray(ck["a"], state.a.dtype), jnp.asarray(ck["w"], state.w.dtype),
-                                       jnp.asarray(int(ck["step"]), jnp.int32),
-                                       jax.random.wrap_key_data(jnp.asarray(ck["key_data"])))
-        if (out_dir / rundir.METRICS).exists():
-            prior = rundir.read_metrics(out_dir / rundir.METRICS)
-            keep = prior["step"] <= int(ck["step"])
-            prior = {k: v[keep] for k, v in prior.items()}
-    if write:
-        rundir.atomic_write_text(out_dir / rundir.CONFIG, cfg.to_yaml())
-        rundir.write_json(out_dir / rundir.ENV, rundir.environment(cfg.seed, cfg.precision))
+    resumed_from = None
+    if write and resume:
+        env_old = _read_json(out_dir / rundir.ENV)
+        if env_old.get("data_sha256") not in (None, fingerprint):
+            raise ConfigError("the data differ from the stored run's (SHA-256 mismatch)", field="--resume",
+                              value=str(out_dir), allowed="the same data as the interrupted run")
+        if (out_dir / rundir.CHECKPOINT).exists():
+            state = _restore(out_dir / rundir.CHECKPOINT, state)
+            resumed_from = int(state.step)
+            if (out_dir / rundir.METRICS).exists():
+                prior = rundir.read_metrics(out_dir / rundir.METRICS)
+                keep = prior["step"] <= resumed_from  # rows after the checkpoint are replayed
+                prior = {k: v[keep] for k, v in prior.items()}
+        else:
+            resumed_from = 0  # killed before the first checkpoint: start again from step 0
+            notes.append("no checkpoint in the run directory: restarted from step 0")
+
+    lock = RunLock(out_dir) if write else None
+    signals = None
+    try:
+        if write:
+            lock.acquire()
+            if lock.took_over:
+                notes.append("took over a stale lock left by a process that is gone")
+            if overwrite and not resume:
+                _clear_dir(out_dir)
+            rundir.atomic_write_text(out_dir / rundir.CONFIG, cfg.to_yaml())
+            env = rundir.environment(cfg.seed, cfg.precision)
+            env["data_sha256"] = fingerprint
+            if resume:
+                env_old = _read_json(out_dir / rundir.ENV)
+                if env_old:
+                    env_old.setdefault("resumes", []).append(
+                        {k: env[k] for k in ("argv", "jax", "jaxlib", "devices", "git", "x64")}
+                        | {"from_step": resumed_from, "time": _dt.datetime.now().isoformat(timespec="seconds")})
+                    env = env_old
+            rundir.write_json(out_dir / rundir.ENV, env)
+            signals = _Signals(handle_signals)
+        return _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_from, out_dir,
+                                    write, progress, notes, signals, t_start)
+    finally:
+        if signals is not None:
+            signals.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_from, out_dir, write,
+                         progress, notes, signals, t_start):
+    import jax
+    import jax.numpy as jnp
+
+    from mfld import dynamics
 
     # ---- certificates and the optimum (issue: certified global optimality) ------------
     rec = cfg.record
@@ -156,7 +346,7 @@ def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write):
     if rec.optimum and cert_reason is None:
         from mfld.optimum import solve_optimum
 
-        optimum = solve_optimum(problem)
+        optimum = solve_optimum(problem, seed=cfg.seed, plus_fraction=cfg.model.init.plus_fraction)
         if write:
             rundir.atomic_write_text(out_dir / rundir.OPTIMUM, optimum.to_json())
     certify = None
@@ -168,46 +358,84 @@ def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write):
                             seed=cfg.seed, optimum=optimum, plus_fraction=cfg.model.init.plus_fraction)
 
     status = {"value": "completed", "reason": None}
-    last_good = {"state": state}
+    last_good = {"state": state, "step": int(state.step)}
     hist = dynamics.History()
+    # wall_time continues across resumes (it is not part of the bit-for-bit contract)
+    wall_offset = float(prior["wall_time"][-1]) if prior and "wall_time" in prior and len(prior["step"]) else 0.0
 
     def callback(s, row):
-        if not (math.isfinite(row["risk"]) and bool(jnp.all(jnp.isfinite(s.w))) and
-                bool(jnp.all(jnp.isfinite(s.a)))):
+        if "wall_time" in row:
+            row["wall_time"] += wall_offset
+        if not (_is_finite_row(row) and bool(jnp.all(jnp.isfinite(s.w))) and bool(jnp.all(jnp.isfinite(s.a)))):
             status["value"] = "diverged"
             status["reason"] = f"non-finite particles or risk at step {row['step']}"
+            status["diverged_at_step"] = row["step"]
             return True
         last_good["state"] = s
+        last_good["step"] = row["step"]
         step = row["step"]
         if certify is not None and step % rec.certify_every == 0:
             row.update(certify(s))
         if write and rec.snapshot_every and step % rec.snapshot_every == 0:
             rundir.save_checkpoint(out_dir / "snapshots" / f"step_{step:09d}.npz", s.a, s.w, step,
                                    jax.random.key_data(s.key))
-        if write and rec.checkpoint_every and step % rec.checkpoint_every == 0 and step > 0:
-            _checkpoint(out_dir, s)
+        stop = signals is not None and signals.signum is not None
+        if write and not stop and rec.checkpoint_every and step % rec.checkpoint_every == 0 and step > 0:
             rows = dynamics.History({k: list(v) for k, v in hist.columns.items()})
             rows.append(row)
+            # metrics first, then the checkpoint: a kill in between leaves metrics rows beyond the
+            # checkpoint, which a resume truncates; the other order would lose rows.
             rundir.write_metrics(out_dir / rundir.METRICS, _merge(prior, rows.columns))
-        return False
+            _checkpoint(out_dir, s)
+        if stop:
+            status["value"] = "interrupted"
+            status["reason"] = f"signal {signals.signum} at step {step}"
+            status["signal"] = signals.signum
+        return stop
 
     show = rec.progress if progress is None else progress
     remaining = max(cfg.dynamics.steps - int(state.step), 0)
-    state, hist = dynamics.simulate(problem, state, stepper, remaining, record_every=rec.every,
-                                    chunk=cfg.dynamics.chunk, callback=callback, progress=show,
-                                    record_initial=prior is None, history=hist)
+    if resumed_from is not None and remaining == 0:
+        notes.append(f"nothing to do: the run is already at step {int(state.step)} of {cfg.dynamics.steps}")
+    try:
+        state, hist = dynamics.simulate(problem, state, stepper, remaining, record_every=rec.every,
+                                        chunk=cfg.dynamics.chunk, callback=callback, progress=show,
+                                        record_initial=prior is None, history=hist)
+    except BaseException as err:  # keep the run directory consistent: say what happened, then re-raise
+        if write:
+            interrupted = isinstance(err, KeyboardInterrupt)
+            status["value"] = "interrupted" if interrupted else "failed"
+            status["reason"] = ("second signal: stopped without a new checkpoint" if interrupted
+                                else f"{type(err).__name__}: {err}")
+            summary = _summary(cfg, _merge(prior, {}), status, time.perf_counter() - t_start, notes, optimum)
+            summary["checkpoint_step"] = _checkpoint_step(out_dir)
+            summary["notes"] = notes
+            rundir.write_json(out_dir / rundir.SUMMARY, summary)
+        raise
+    metrics = _merge(prior, hist.columns)
     if status["value"] == "diverged":
         state = last_good["state"]
-    metrics = _merge(prior, hist.columns)
+        keep = [i for i, st in enumerate(metrics.get("step", [])) if st <= last_good["step"]]
+        metrics = {k: [v[i] for i in keep] for k, v in metrics.items()}
     summary = _summary(cfg, metrics, status, time.perf_counter() - t_start, notes, optimum)
+    if resumed_from is not None:
+        summary["resumed_from_step"] = resumed_from
     if status["value"] == "diverged":
-        summary["suggested_eta"] = cfg.dynamics.eta / 2
-        notes.append(f"the run diverged ({status['reason']}); try dynamics.eta={cfg.dynamics.eta / 2:g} "
-                     f"(half the step; the weight-decay part alone needs eta < 2/lam = {2 / cfg.objective.lam:g})")
+        summary["last_good_step"] = last_good["step"]
+        suggestion = suggest_step_size(problem, stepper, [last_good["state"]], cfg)
+        summary["suggested_eta"] = suggestion["eta"]
+        summary["curvature"] = suggestion["curvature"]
+        notes.append(f"the run diverged ({status['reason']}); the last finite state (step {last_good['step']}) is "
+                     f"checkpointed; {suggestion['why']}: rerun with --set dynamics.eta={suggestion['eta']:.3g} "
+                     f"--overwrite")
+    notes.extend(precision_notes(cfg.precision, metrics, np.asarray(state.a), np.asarray(state.w)))
     if write:
-        _checkpoint(out_dir, state)
         if metrics:
             rundir.write_metrics(out_dir / rundir.METRICS, metrics)
+        _checkpoint(out_dir, state)
+        summary["checkpoint_step"] = int(state.step)
+        summary["notes"] = notes
+        rundir.write_json(out_dir / rundir.SUMMARY, summary)  # the numbers first, the figures after
         from mfld.app import plots
 
         try:
@@ -217,9 +445,203 @@ def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write):
         except Exception as err:  # a figure must never lose a run's numbers
             notes.append(f"figures failed: {type(err).__name__}: {err}")
         summary["notes"] = notes
+        summary["run_time_s"] = time.perf_counter() - t_start
         rundir.write_json(out_dir / rundir.SUMMARY, summary)
     return RunResult(cfg, problem, state, rundir.Metrics({k: np.asarray(v) for k, v in metrics.items()}),
                      summary, out_dir, dataset, optimum, notes)
+
+
+def _restore(path, template):
+    """The ParticleState of a checkpoint, checked against the config's particle shapes and dtype."""
+    import jax
+    import jax.numpy as jnp
+
+    from mfld import dynamics
+
+    try:
+        ck = rundir.load_checkpoint(path)
+        a, w, step, key_data = ck["a"], ck["w"], int(ck["step"]), ck["key_data"]
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is a user-facing problem
+        raise ConfigError(f"cannot read the checkpoint ({type(err).__name__})", field="--resume",
+                          value=str(path)) from None
+    if a.shape != template.a.shape or w.shape != template.w.shape:
+        raise ConfigError(f"checkpoint particles have shapes {a.shape}, {w.shape} but the config gives "
+                          f"{template.a.shape}, {template.w.shape}", field="--resume", value=str(path))
+    if a.dtype != template.a.dtype:
+        raise ConfigError(f"checkpoint is {a.dtype} but the run's precision gives {template.a.dtype}",
+                          field="--resume", value=str(path), allowed="the stored precision (--x64 as before)")
+    return dynamics.ParticleState(jnp.asarray(a), jnp.asarray(w), jnp.asarray(step, jnp.int32),
+                                  jax.random.wrap_key_data(jnp.asarray(key_data)))
+
+
+def _checkpoint_step(out_dir):
+    try:
+        return int(rundir.load_checkpoint(out_dir / rundir.CHECKPOINT)["step"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _read_json(path) -> dict:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------------------------------
+# Divergence: a stable step size from the curvature of the drift
+# ---------------------------------------------------------------------------------------
+
+def drift_curvature(problem, a, w, *, iters: int = 60, seed: int = 0) -> float:
+    """The largest eigenvalue of the Jacobian of the particle drift (all particles at once).
+
+    The Euler step is theta <- theta - eta * b(theta) + noise with b the drift of
+    :func:`mfld.network.potential_gradient` (mean field: N times the gradient of the finite-N
+    loss L, so db/dtheta = N Hess L, symmetric; NTK: Hess L). Linearised, a perturbation
+    evolves by (I - eta J), which stays bounded iff eta < 2 / mu_max for the largest
+    eigenvalue mu_max of J (lam is part of it). Power iteration with Jacobian-vector products
+    (no N D x N D matrix): first the dominant |mu|, then J + |mu| I to get mu_max itself
+    (Rayleigh quotients: a slight *under*-estimate, hence the margin in
+    :func:`suggest_step_size`). Computed in the particles' precision.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from mfld import network
+
+    fixed = problem.output == "fixed"
+
+    def drift(v):
+        ga, gw, _ = network.potential_gradient(problem, v[0], v[1])
+        return (jnp.zeros_like(ga) if fixed else ga, gw)
+
+    def matvec(v, shift):
+        if fixed:
+            v = (jnp.zeros_like(v[0]), v[1])
+        jv = jax.jvp(drift, ((a, w),), (v,))[1]
+        return (jv[0] + shift * v[0], jv[1] + shift * v[1])
+
+    def dot(u, v):
+        return jnp.sum(u[0] * v[0]) + jnp.sum(u[1] * v[1])
+
+    @jax.jit
+    def power(shift, v0):
+        def body(_, carry):
+            v, _mu = carry
+            jv = matvec(v, shift)
+            mu = dot(v, jv)
+            nrm = jnp.sqrt(dot(jv, jv))
+            return (jv[0] / nrm, jv[1] / nrm), mu
+        v, mu = jax.lax.fori_loop(0, iters, body, (v0, jnp.zeros((), w.dtype)))
+        return dot(v, matvec(v, shift))
+
+    ka, kw = jax.random.split(jax.random.key(seed))
+    v0 = (jax.random.normal(ka, a.shape, w.dtype), jax.random.normal(kw, w.shape, w.dtype))
+    if fixed:
+        v0 = (jnp.zeros_like(v0[0]), v0[1])
+    nrm = jnp.sqrt(dot(v0, v0))
+    v0 = (v0[0] / nrm, v0[1] / nrm)
+    dominant = float(power(jnp.asarray(0.0, w.dtype), v0))
+    if dominant >= 0:
+        return dominant
+    shift = abs(dominant)
+    return float(power(jnp.asarray(shift, w.dtype), v0)) - shift
+
+
+def suggest_step_size(problem, stepper, states, cfg) -> dict:
+    """A step size that keeps the linearised Euler step stable at the given (finite) states.
+
+    ``eta = min(eta / 2, 1 / mu_max)``, mu_max the largest drift-Jacobian eigenvalue over
+    ``states`` (:func:`drift_curvature`): half the stability limit 2 / mu_max, a factor-2
+    margin for the power iteration's underestimate and for curvature growing along the run;
+    and never more than half the step that diverged. Falls back to halving if the curvature
+    cannot be estimated (non-finite or non-positive).
+    """
+    eta = float(cfg.dynamics.eta)
+    mus = []
+    for s in states:
+        try:
+            mu = drift_curvature(problem, s.a, s.w)
+        except Exception:  # noqa: BLE001 - a diagnostic must not break the run's writing
+            mu = float("nan")
+        if math.isfinite(mu):
+            mus.append(mu)
+    mu = max(mus) if mus else float("nan")
+    if math.isfinite(mu) and mu > 0:
+        bound = 1.0 / mu
+        if bound < eta / 2:
+            return {"eta": bound, "curvature": mu,
+                    "why": f"the drift's curvature is {mu:.3g}, so the step must stay below 2/{mu:.3g} = "
+                           f"{2 / mu:.3g}; with a factor-2 margin"}
+    return {"eta": eta / 2, "curvature": mu if math.isfinite(mu) else None,
+            "why": "halving the step" + (f" (curvature {mu:.3g} at the last finite state)" if math.isfinite(mu)
+                                         else "")}
+
+
+# ---------------------------------------------------------------------------------------
+# Numerical guards for float32 runs
+# ---------------------------------------------------------------------------------------
+
+#: Gap-like columns: differences of O(|F|) quantities, meaningless below float32 resolution.
+GAP_COLUMNS = ("gap", "F_minus_Fstar_upper", "kl_gap_est")
+_F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def precision_notes(precision: str, metrics: dict, a, w) -> list[str]:
+    """Warnings for float32 runs whose certificate or entropy quantities lose precision.
+
+    - a gap column (:data:`GAP_COLUMNS`) whose final value is below 100 float32 ulps of the
+      objective's scale: the float32 drift perturbs the particles' law by about that much, so
+      the gap cannot be resolved further;
+    - the k-NN entropy (``free_energy_est``, ``kl_gap_est``) when more than 1% of the
+      particles' nearest-neighbour distances are below 100 float32 spacings at the cloud's
+      scale: the estimator's log-distances are then quantisation, not geometry.
+    """
+    if precision != "float32" or not metrics:
+        return []
+    out = []
+    scale = 1.0
+    for k in ("primal_upper", "dual_lower", "reg_risk", "free_energy_est"):
+        v = _last_finite(metrics.get(k))
+        if v is not None:
+            scale = max(scale, abs(v))
+    floor = 100 * _F32_EPS * scale
+    for k in GAP_COLUMNS:
+        v = _last_finite(metrics.get(k))
+        if v is not None and abs(v) < floor:
+            out.append(f"float32: {k} = {v:.3g} is below the float32 resolution of the objective "
+                       f"(~{floor:.1g}); rerun with --x64 to resolve smaller gaps")
+    if any(k in metrics for k in ("free_energy_est", "kl_gap_est")) and a is not None:
+        theta = np.column_stack([np.asarray(a, dtype=np.float64).reshape(len(a), -1)[:, :1],
+                                 np.asarray(w, dtype=np.float64)])
+        frac = quantised_fraction(theta, np.float32)
+        if frac > 0.01:
+            out.append(f"float32: {100 * frac:.1f}% of the particles' nearest-neighbour distances are within "
+                       f"100 float32 spacings; the k-NN entropy (free_energy_est, kl_gap_est) is unreliable; "
+                       f"rerun with --x64")
+    return out
+
+
+def quantised_fraction(theta, dtype=np.float32) -> float:
+    """Fraction of points whose nearest-neighbour distance is below 100 spacings of ``dtype``
+    at the cloud's scale (max |coordinate|)."""
+    from scipy.spatial import cKDTree
+
+    theta = np.asarray(theta, dtype=np.float64)
+    if len(theta) < 2 or not np.all(np.isfinite(theta)):
+        return 0.0
+    spacing = float(np.spacing(dtype(np.max(np.abs(theta)))))
+    d, _ = cKDTree(theta).query(theta, k=2)
+    return float(np.mean(d[:, 1] < 100 * spacing))
+
+
+def _last_finite(col):
+    if col is None:
+        return None
+    vals = [float(v) for v in col if math.isfinite(float(v))]
+    return vals[-1] if vals else None
 
 
 def _checkpoint(out_dir, s):
@@ -240,26 +662,44 @@ def _merge(prior, cols) -> dict:
 
 
 def _summary(cfg, metrics, status, wall, notes, optimum) -> dict:
-    s = {"status": status["value"], "reason": status["reason"], "run_time_s": wall, "name": cfg.name}
-    if metrics and metrics.get("step"):
-        s["final"] = {k: (v[-1] if k == "step" else float(v[-1])) for k, v in metrics.items()}
+    s = {"status": status["value"], "reason": status["reason"], "run_time_s": wall, "name": cfg.name,
+         "steps": cfg.dynamics.steps}
+    for k in ("diverged_at_step", "signal"):
+        if k in status:
+            s[k] = status[k]
+    if metrics and len(metrics.get("step", [])):
+        s["final"] = {k: (int(v[-1]) if k == "step" else float(v[-1])) for k, v in metrics.items()}
     if optimum is not None:
         s["F_star"] = float(optimum.F_star)
         s["F_star_err"] = float(optimum.F_star_err)
     return s
 
 
-def _prepare_dir(out_dir: Path, overwrite: bool, resume: bool):
+def _check_out_dir(out_dir: Path, overwrite: bool, resume: bool):
+    """Refuse a run directory that would be clobbered; writes nothing."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other", field="--overwrite",
+                          allowed="one of --resume (continue) or --overwrite (start again)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError("run directory path is a file", field="--out", value=str(out_dir),
+                          allowed="a new or existing directory")
+    if resume:
+        return  # resolve_resume_config checked that a run is there
+    if out_dir.exists() and any(p.name != ".lock" for p in out_dir.iterdir()) and not overwrite:
+        raise ConfigError("run directory already exists and is not empty", field="--out", value=str(out_dir),
+                          allowed="a new directory, or --resume / --overwrite")
+
+
+def _clear_dir(out_dir: Path):
+    """Empty a run directory for --overwrite, keeping our own lock file."""
     import shutil
 
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if resume:
-            return
-        if not overwrite:
-            raise ConfigError("run directory already exists and is not empty", field="--out", value=str(out_dir),
-                              allowed="a new directory, or --resume / --overwrite")
-        shutil.rmtree(out_dir)
-    elif resume:
-        raise ConfigError("nothing to resume: no run in this directory", field="--resume", value=str(out_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from mfld.app.lock import LOCK
 
+    for p in out_dir.iterdir():
+        if p.name == LOCK:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
