@@ -28,6 +28,9 @@ from mfld.problem import Problem
 
 pytestmark = pytest.mark.usefixtures("x64")
 
+# one compiled scan per (problem structure, stepper, n_steps): reused across calls in a test
+run_steps_jit = jax.jit(run_steps, static_argnames=("n_steps",))
+
 
 def _no_signal_problem(dtype=jnp.float64, scaling="mean_field", lam=1.0, tau=0.5):
     x = np.linspace(-1.5, 1.5, 8)[:, None]
@@ -89,7 +92,7 @@ def test_log_temperature_schedule():
     problem = _no_signal_problem(lam=lam, tau=tau)
     stepper = Langevin(eta, tau_schedule="log")
     st = init_particles(problem, n_part, 0, a_scale=1.5, w_scale=1.5)
-    _, infos = run_steps(problem, st, stepper, n_steps)
+    _, infos = run_steps_jit(problem, st, stepper, n_steps)
     k = np.arange(n_steps)
     np.testing.assert_allclose(infos.tau, tau / np.log(math.e + k * eta), rtol=1e-14)
     steps, m2 = _run_m2(problem, stepper, n_part, n_steps, 5)
@@ -187,10 +190,10 @@ def _small_problem():
 def test_trajectory_independent_of_chunk_and_record_every(stepper):
     problem = _small_problem()
     st = init_particles(problem, 64, 7)
-    ref_state, _ = run_steps(problem, st, stepper, 60)
+    ref_state, _ = run_steps_jit(problem, st, stepper, 60)
     runs = {}
     # (segment lengths are compiled once each: keep their set small)
-    for every, chunk in [(10, None), (6, 4), (60, 25)]:
+    for every, chunk in [(10, None), (15, 10), (60, 25)]:  # segment lengths {10}, {5, 10}, {10, 25}
         final, hist = simulate(problem, st, stepper, 60, record_every=every, chunk=chunk)
         np.testing.assert_array_equal(final.a, ref_state.a)
         np.testing.assert_array_equal(final.w, ref_state.w)
@@ -199,8 +202,8 @@ def test_trajectory_independent_of_chunk_and_record_every(stepper):
     for k in (0, 60):  # steps recorded by every run agree exactly
         assert len({r[k] for r in runs.values()}) == 1
     # resuming from a mid-run state replays the same trajectory
-    mid, _ = simulate(problem, st, stepper, 22, record_every=6, chunk=4)
-    end, _ = simulate(problem, mid, stepper, 38, record_every=6, chunk=4)
+    mid, _ = simulate(problem, st, stepper, 25, record_every=5)
+    end, _ = simulate(problem, mid, stepper, 35, record_every=15, chunk=10)
     np.testing.assert_array_equal(end.w, ref_state.w)
 
 
@@ -216,9 +219,10 @@ def test_particles_get_independent_standard_noise():
     tau = problem.tau
     st = init_particles(problem, n_part, 11)
     step_jit = jax.jit(step)
+    drift = jax.jit(lambda pr, a, w: network.potential_gradient(pr, a, w)[:2])
     xis = []
     for _ in range(K):
-        ga, gw, _ = network.potential_gradient(problem, st.a, st.w)
+        ga, gw = drift(problem, st.a, st.w)
         new, _ = step_jit(problem, st, stepper)
         xa = (new.a - st.a + eta * ga) / math.sqrt(2 * eta * tau)
         xw = (new.w - st.w + eta * gw) / math.sqrt(2 * eta * tau)
@@ -244,8 +248,8 @@ def test_particle_noise_does_not_depend_on_particle_count():
     problem = Problem.create(np.zeros((4, 1)), np.zeros(4), lam=1.0, tau=0.5, bias=False, dtype=jnp.float64)
     s40 = init_particles(problem, 40, 5)
     s20 = s40._replace(a=s40.a[:20], w=s40.w[:20])
-    f40, _ = run_steps(problem, s40, Langevin(0.1), 5)
-    f20, _ = run_steps(problem, s20, Langevin(0.1), 5)
+    f40, _ = run_steps_jit(problem, s40, Langevin(0.1), 5)
+    f20, _ = run_steps_jit(problem, s20, Langevin(0.1), 5)
     np.testing.assert_array_equal(f40.w[:20], f20.w)
     np.testing.assert_array_equal(f40.a[:20], f20.a)
 
@@ -260,7 +264,7 @@ def test_minibatch_reproducible_and_uses_batch_size_points():
     problem = Problem.create(np.linspace(-1, 1, n)[:, None], y, lam=0.1, tau=0.0, dtype=jnp.float64)
     st = init_particles(problem, 8, 0, a_scale=0.0, w_scale=0.0)
     stepper = Langevin(0.1, batch_size=B)
-    end, infos = run_steps(problem, st, stepper, K)
+    end, infos = run_steps_jit(problem, st, stepper, K)
     assert np.all(np.asarray(end.w) == 0) and np.all(np.asarray(end.a) == 0)
     masks = np.rint(np.asarray(infos.risk) * B).astype(np.int64)
     np.testing.assert_allclose(np.asarray(infos.risk) * B, masks, atol=1e-9)
@@ -270,13 +274,13 @@ def test_minibatch_reproducible_and_uses_batch_size_points():
     p = B / n
     assert np.all(np.abs(freq - p) < 5 * math.sqrt(p * (1 - p) / K))
     assert len(np.unique(masks)) > K // 4  # batches vary from step to step
-    _, again = run_steps(problem, st, stepper, K)
+    _, again = run_steps_jit(problem, st, stepper, K)
     np.testing.assert_array_equal(again.risk, infos.risk)
     other = st._replace(key=init_particles(problem, 8, 1).key)
-    _, diff = run_steps(problem, other, stepper, K)
+    _, diff = run_steps_jit(problem, other, stepper, K)
     assert np.any(np.asarray(diff.risk) != np.asarray(infos.risk))
     # full batch when batch_size >= n: the risk is the mean over all points
-    _, full = run_steps(problem, st, Langevin(0.1, batch_size=n), 3)
+    _, full = run_steps_jit(problem, st, Langevin(0.1, batch_size=n), 3)
     np.testing.assert_allclose(full.risk, np.mean(y ** 2 / 2), rtol=1e-14)
 
 
