@@ -140,14 +140,15 @@ def _batch(problem: Problem, stepper: Langevin, key):
 
 
 def step(problem: Problem, state: ParticleState, stepper: Langevin, *, n_particles=None, active=None,
-         interaction_fn: Callable | None = None):
+         interaction_fn: Callable | None = None, noise_sharding=None):
     """One noisy gradient step. Returns ``(new_state, StepInfo)``. Pure and jittable.
 
     ``n_particles``: the true N (default ``state.a.shape[0]``); ``active``: optional (N,)
     mask of real particles -- rows beyond the true N are padding (see :mod:`mfld.sharding`):
     they contribute nothing to f, do not move, and the noise of real particle i is row i
     of the bulk draw whatever the padding. ``interaction_fn(problem, a, w, x, y,
-    n_particles=, active=)`` replaces :func:`mfld.network.interaction` (used for sharding).
+    n_particles=, active=)`` replaces :func:`mfld.network.interaction` (used for sharding);
+    ``noise_sharding`` constrains the bulk noise draw so each device draws its own rows.
     """
     a, w = state.a, state.w
     n_particles = a.shape[0] if n_particles is None else n_particles
@@ -164,6 +165,8 @@ def step(problem: Problem, state: ParticleState, stepper: Langevin, *, n_particl
     k = network.decay_rate(problem, n_particles)
     temp = tau if problem.scaling == "mean_field" else tau / n_particles
     xi = step_noise(kk, a.shape[0], w.shape[1] + 1, w.dtype)
+    if noise_sharding is not None:
+        xi = jax.lax.with_sharding_constraint(xi, noise_sharding)
     if stepper.scheme == "euler":
         sd = jnp.sqrt(2.0 * eta * temp)
         w_new = w - eta * (it.grad_w + k * w) + sd * xi[:, 1:]

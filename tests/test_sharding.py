@@ -1,0 +1,188 @@
+"""Particles sharded over devices: same trajectory for 1, 2, 4 simulated CPU devices and for
+two processes on localhost.
+
+Tolerance model: the sharded and unsharded runs draw identical noise (row i from
+(seed, step, i)) and differ only in the order of the sum over particles in f (per-device
+partial sums, then a psum), i.e. by reassociation: ~ a few ulp of f per step, propagated
+over 20 steps of a contracting dynamics. Allowed: 1e-12 absolute in float64 (measured
+~2e-16) and 2e-5 in float32 (measured ~1e-6; eps32 = 1.2e-7, O(1) values).
+Multi-device runs are in subprocesses: the device count must be set before JAX starts.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mfld import sharding
+from mfld.dynamics import Langevin, init_particles, simulate
+from mfld.errors import ConfigError
+from mfld.problem import Problem
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+SETUP = """
+import json, os, sys
+import numpy as np
+def problem_and_state(jnp, dtype, n_part=101):
+    from mfld.problem import Problem
+    from mfld.dynamics import init_particles
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 2))
+    pr = Problem.create(x, np.sin(x[:, 0]) + 0.1 * rng.standard_normal(30), lam=0.1, tau=0.02, dtype=dtype,
+                        x_test=rng.standard_normal((7, 2)), y_test=rng.standard_normal(7))
+    return pr, init_particles(pr, n_part, 0)
+"""
+
+DEVICES_SCRIPT = SETUP + textwrap.dedent("""
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import re
+    import jax, jax.numpy as jnp
+    from mfld import dynamics, sharding
+    out = {"n_devices": len(jax.devices())}
+    for prec in ("f32", "f64"):
+        with jax.enable_x64(prec == "f64"):
+            pr, st = problem_and_state(jnp, jnp.float64 if prec == "f64" else jnp.float32)
+            stepper = dynamics.Langevin(0.05, scheme="ou" if prec == "f32" else "euler", batch_size=None)
+            ref, h0 = dynamics.simulate(pr, st, stepper, 20, record_every=4)
+            for k in (1, 2, 4):
+                fin, h = sharding.simulate(pr, st, stepper, 20, n_devices=k, record_every=4, chunk=2)
+                a, w = sharding.gather(fin)
+                out[f"{prec}-{k}"] = {
+                    "w": float(np.abs(w - np.asarray(ref.w)).max()),
+                    "a": float(np.abs(a - np.asarray(ref.a)).max()),
+                    "shape": list(w.shape),
+                    "records": {c: float(np.abs(h[c] - h0[c]).max()) for c in h0.columns if c != "wall_time"},
+                }
+    with jax.enable_x64(True):
+        pr, st = problem_and_state(jnp, jnp.float64)
+        mesh = sharding.make_mesh(4)
+        sh = sharding.shard_state(st, mesh)
+        out["padded"] = sh.n_padded
+        out["shard_rows"] = sorted({s.data.shape[0] for s in sh.state.w.addressable_shards})
+        txt = sharding._runner(mesh, 101, False).lower(sharding.replicate(pr, mesh), sh.state,
+                                                       dynamics.Langevin(0.05), n_steps=3).compile().as_text()
+        out["collectives"] = {op: len(re.findall(op + r"[-a-z]*\\(", txt))
+                              for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute")}
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def _run(script, *args, timeout=240, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_ENABLE_X64": "0", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def _result(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def devices_result():
+    return _result(_run(DEVICES_SCRIPT))
+
+
+@pytest.mark.parametrize("prec,tol", [("f64", 1e-12), ("f32", 2e-5)])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_same_trajectory_on_1_2_4_devices(devices_result, prec, tol, k):
+    r = devices_result[f"{prec}-{k}"]
+    assert devices_result["n_devices"] == 4
+    assert r["shape"] == [101, 3]  # the padding is gone from the result
+    assert r["w"] < tol and r["a"] < tol, r
+    # records (risk, test risk, moments, drift norm) see the real particles only
+    assert max(r["records"].values()) < 10 * tol, r["records"]
+
+
+def test_particles_are_split_not_replicated(devices_result):
+    """101 particles on 4 devices: padded to 104, 26 rows per device, and a step's only
+    collective is the all-reduce of the network output (no all-gather of particles)."""
+    assert devices_result["padded"] == 104
+    assert devices_result["shard_rows"] == [26]
+    c = devices_result["collectives"]
+    assert c["all-reduce"] >= 1 and c["all-gather"] == 0 and c["all-to-all"] == 0, c
+
+
+PROCESS_SCRIPT = SETUP + textwrap.dedent("""
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    import jax
+    from mfld import sharding
+    sharding.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]), timeout_s=60)
+    import jax.numpy as jnp
+    from mfld import dynamics
+    with jax.enable_x64(True):
+        pr, st = problem_and_state(jnp, jnp.float64)
+        fin, h = sharding.simulate(pr, st, dynamics.Langevin(0.05), 20, record_every=4, chunk=2)
+        a, w = sharding.gather(fin, 101)
+        if sharding.is_writer():
+            print("RESULT " + json.dumps({"w": w.tolist(), "a": a.tolist(), "risk": h["risk"].tolist(),
+                                          "devices": len(jax.devices()), "processes": jax.process_count()}))
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_on_localhost_give_the_same_trajectory():
+    port = str(_free_port())
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_ENABLE_X64": "0"}
+    other = subprocess.Popen([sys.executable, "-c", PROCESS_SCRIPT, port, "1"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        main = _run(PROCESS_SCRIPT, port, "0", timeout=180)
+        other_out, other_err = other.communicate(timeout=60)
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.communicate()
+    res = _result(main)
+    assert res["devices"] == 2 and res["processes"] == 2
+    assert other.returncode == 0 and "RESULT" not in other_out, other_err[-2000:]  # only process 0 reports
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((30, 2))
+        pr = Problem.create(x, np.sin(x[:, 0]) + 0.1 * rng.standard_normal(30), lam=0.1, tau=0.02,
+                            dtype=jnp.float64, x_test=rng.standard_normal((7, 2)), y_test=rng.standard_normal(7))
+        ref, h = simulate(pr, init_particles(pr, 101, 0), Langevin(0.05), 20, record_every=4)
+        np.testing.assert_allclose(np.array(res["w"]), np.asarray(ref.w), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(np.array(res["a"]), np.asarray(ref.a), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(res["risk"], h["risk"], rtol=1e-12)
+
+
+def test_settings_are_validated():
+    assert sharding.padded_count(101, 4) == 104 and sharding.padded_count(8, 4) == 8
+    with pytest.raises(ConfigError, match="devices"):
+        sharding.make_mesh(len(jax.devices()) + 1)
+    with pytest.raises(ConfigError, match="distributed"):
+        sharding.initialize("127.0.0.1:1234", None, 0)
+    with pytest.raises(ConfigError, match="process_id"):
+        sharding.initialize("127.0.0.1:1234", 2, 5)
+    with pytest.raises(ConfigError, match="threads"):
+        sharding.configure_cpu(threads=0)
+
+
+def test_thread_setting_pins_the_process():
+    script = textwrap.dedent("""
+        import os
+        from mfld import sharding
+        sharding.configure_cpu(threads=1)
+        import jax.numpy as jnp
+        jnp.ones(3).block_until_ready()
+        print("RESULT", len(os.sched_getaffinity(0)), os.environ["OPENBLAS_NUM_THREADS"])
+    """)
+    proc = _run(script, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("RESULT")[-1].split() == ["1", "1"]
