@@ -160,6 +160,30 @@ def optimum_cmd(config, overrides, out):
     optimum_main(config, list(overrides), out)
 
 
+@cli.command()
+@click.argument("name")
+@click.option("--quick", is_flag=True, help="Seconds-long CI setting instead of the full one.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output directory (default experiments/NAME).")
+def experiment(name, quick, out):
+    """Run experiment NAME (linear-convergence, global-optimality, discretisation, mf-vs-ntk,
+    annealing, minibatch): figures, report.md and CSVs in one directory."""
+    from mfld.experiments import run_experiment
+
+    click.echo(os.path.join(str(run_experiment(name, out, quick=quick)), "report.md"))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", "out_gif", type=click.Path(dir_okay=False), default=None,
+              help="GIF path (default RUN_DIR/figures/particles.gif).")
+def animate(run_dir, out_gif):
+    """GIF of the particle snapshots of RUN_DIR (density of rho* behind when d = 1)."""
+    from mfld.app.animate import animate as _animate
+
+    click.echo(str(_animate(run_dir, out_gif)))
+
+
 def main(argv=None):
     cli.main(args=argv)
 

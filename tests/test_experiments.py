@@ -162,3 +162,13 @@ def test_animate_gif(tmp_path):
         assert im.n_frames == 5
     with pytest.raises(ConfigError, match="snapshot"):
         animate(tmp_path)
+
+
+def test_cli_experiment_unknown_name_is_one_line_error(capsys):
+    from mfld.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["experiment", "nope"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "linear-convergence" in err
