@@ -358,6 +358,7 @@ def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_f
                             seed=cfg.seed, optimum=optimum, plus_fraction=cfg.model.init.plus_fraction)
 
     status = {"value": "completed", "reason": None}
+    initial_state = state
     last_good = {"state": state, "step": int(state.step)}
     hist = dynamics.History()
     # wall_time continues across resumes (it is not part of the bit-for-bit contract)
@@ -422,7 +423,8 @@ def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_f
         summary["resumed_from_step"] = resumed_from
     if status["value"] == "diverged":
         summary["last_good_step"] = last_good["step"]
-        suggestion = suggest_step_size(problem, stepper, [last_good["state"]], cfg)
+        # the curvature where the run started and where it was last finite (often already blowing up)
+        suggestion = suggest_step_size(problem, stepper, [initial_state, last_good["state"]], cfg)
         summary["suggested_eta"] = suggestion["eta"]
         summary["curvature"] = suggestion["curvature"]
         notes.append(f"the run diverged ({status['reason']}); the last finite state (step {last_good['step']}) is "
@@ -504,8 +506,18 @@ def drift_curvature(problem, a, w, *, iters: int = 60, seed: int = 0) -> float:
     eigenvalue mu_max of J (lam is part of it). Power iteration with Jacobian-vector products
     (no N D x N D matrix): first the dominant |mu|, then J + |mu| I to get mu_max itself
     (Rayleigh quotients: a slight *under*-estimate, hence the margin in
-    :func:`suggest_step_size`). Computed in the particles' precision.
+    :func:`suggest_step_size`). Computed in float64 (a scoped x64 context, upcast copies), so
+    that states far out on a diverging trajectory do not overflow.
     """
+    import jax
+
+    with jax.enable_x64(True):
+        import jax.numpy as jnp
+
+        return _drift_curvature(problem, jnp.asarray(a, jnp.float64), jnp.asarray(w, jnp.float64), iters, seed)
+
+
+def _drift_curvature(problem, a, w, iters, seed):
     import jax
     import jax.numpy as jnp
 
