@@ -162,3 +162,34 @@ def test_x64_end_to_end(tmp_path, restore_x64):
     r32 = mfld.load_run(out32)
     assert r32.a.dtype == np.float32 and r32.env["x64"] is False
     assert all(float(np.float32(v)) == v for v in r32.metrics["risk"])
+
+
+def test_user_data_file_and_arrays_replot_and_change_detection(tmp_path, capsys):
+    xs = np.linspace(-2, 2, 30)
+    csv = tmp_path / "d.csv"
+    csv.write_text("x,y\n" + "".join(f"{float(v)!r},{float(np.sin(2 * v))!r}\n" for v in xs))
+    out = tmp_path / "file-run"
+    main(["run", *TINY, "--set", "dynamics.steps=20", "--set", "data.kind=file",
+          "--set", f"data.params.path={csv}", "--out", str(out)])
+    run = mfld.load_run(out)
+    assert run.config["data"]["params"]["path"] == str(csv) and run.summary["status"] == "completed"
+    main(["plot", str(out)])
+    capsys.readouterr()
+    # the file changes after the run: redrawing or resuming against it is refused, in one line
+    csv.write_text("x,y\n" + "".join(f"{float(v)!r},{float(np.cos(v))!r}\n" for v in xs))
+    for argv in (["plot", str(out)], ["run", "--resume", str(out), "--set", "dynamics.steps=40"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and "SHA-256 mismatch" in err, err
+    assert mfld.load_run(out).step == 20
+
+    # a run given plain arrays stores them, so `mfld plot` redraws the same data
+    res = mfld.run({"model": {"n_particles": N}, "dynamics": {"steps": 20},
+                    "record": {"certify_every": 0, "optimum": False, "every": 10}},
+                   x=xs[:, None], y=np.sin(2 * xs), out=tmp_path / "arrays", progress=False)
+    with np.load(tmp_path / "arrays" / "data.npz") as z:
+        np.testing.assert_array_equal(z["x"][:, 0], xs)
+    from mfld.app.replot import replot
+
+    assert replot(res.run_dir) == ["risk.png", "neurons.png", "function.png"]

@@ -270,3 +270,21 @@ def test_precision_notes_flag_float32_resolution():
     assert precision_notes("float64", metrics, tight[:, 0], tight[:, 1:]) == []
     fine = {"reg_risk": [0.3], "primal_upper": [0.31], "gap": [1e-3], "free_energy_est": [0.2]}
     assert precision_notes("float32", fine, spread[:, 0], spread[:, 1:]) == []
+
+
+def test_an_unexpected_error_leaves_a_consistent_directory(tmp_path, monkeypatch):
+    """A crash inside the loop (here: injected) writes summary status `failed` with the reason,
+    releases the lock, keeps the files written so far, and re-raises (a bug shows its traceback)."""
+    from mfld import dynamics
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(dynamics, "simulate", broken)
+    run_dir = tmp_path / "r"
+    with pytest.raises(RuntimeError, match="injected failure"):
+        mfld.run({"model": {"n_particles": 8}, "dynamics": {"steps": 20},
+                  "record": {"certify_every": 0, "optimum": False, "every": 10}}, out=run_dir, progress=False)
+    s = json.loads((run_dir / rundir.SUMMARY).read_text())
+    assert s["status"] == "failed" and "injected failure" in s["reason"] and s["checkpoint_step"] is None
+    assert (run_dir / rundir.CONFIG).exists() and not (run_dir / LOCK).exists()

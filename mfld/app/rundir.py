@@ -8,7 +8,9 @@ Layout of a run directory::
     summary.json     status, final values, run time
     checkpoint.npz   particles a, w, step and the key data of the last checkpoint
     optimum.json     the global optimum F* (when computed)
+    data.npz         the data, when the run was given arrays (x, y) rather than a data kind
     figures/*.png
+    .lock            while a process writes the run (see mfld.app.lock)
 
 Every file is written atomically: to a temporary file in the same directory, then renamed.
 """
@@ -35,6 +37,7 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 ENV = "env.json"
 OPTIMUM = "optimum.json"
+DATA = "data.npz"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

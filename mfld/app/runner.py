@@ -320,6 +320,8 @@ def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, han
                         | {"from_step": resumed_from, "time": _dt.datetime.now().isoformat(timespec="seconds")})
                     env = env_old
             rundir.write_json(out_dir / rundir.ENV, env)
+            if dataset.meta.get("kind") == "arrays" and not (out_dir / rundir.DATA).exists():
+                _save_arrays(out_dir / rundir.DATA, dataset)  # so that `mfld plot` can redraw
             signals = _Signals(handle_signals)
         return _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_from, out_dir,
                                     write, progress, notes, signals, t_start)
@@ -451,6 +453,16 @@ def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_f
         rundir.write_json(out_dir / rundir.SUMMARY, summary)
     return RunResult(cfg, problem, state, rundir.Metrics({k: np.asarray(v) for k, v in metrics.items()}),
                      summary, out_dir, dataset, optimum, notes)
+
+
+def _save_arrays(path, dataset):
+    import io
+
+    arrays = {k: np.asarray(getattr(dataset, k)) for k in ("x", "y", "x_test", "y_test")
+              if getattr(dataset, k) is not None}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    rundir.atomic_write_bytes(path, buf.getvalue())
 
 
 def _restore(path, template):
