@@ -89,7 +89,12 @@ def run(config, overrides, out, x64, overwrite, resume, quiet):
         config, out = None, config  # mfld run --resume RUN_DIR
     # the config (a resume must match the stored one) and its data, validated before JAX is imported
     cfg = runner.resolve_resume_config(out, config, ov) if resume else cfgmod.load(config, ov)
-    dataset = runner.make_dataset(cfg)
+    if resume:
+        from mfld.app.replot import load_dataset
+
+        dataset = load_dataset(out, cfg)  # the run's own data (stored arrays, or the same file)
+    else:
+        dataset = runner.make_dataset(cfg)
     runner.check_data(cfg, dataset)
     _set_x64(cfg.precision == "float64")
     res = runner.run(cfg, out=out, overwrite=overwrite, resume=resume, progress=not quiet and cfg.record.progress,

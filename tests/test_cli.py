@@ -193,3 +193,7 @@ def test_user_data_file_and_arrays_replot_and_change_detection(tmp_path, capsys)
     from mfld.app.replot import replot
 
     assert replot(res.run_dir) == ["risk.png", "neurons.png", "function.png"]
+    # ... and `mfld run --resume` continues it on the stored arrays
+    main(["run", "--resume", str(res.run_dir), "--set", "dynamics.steps=40", "--quiet"])
+    again = mfld.load_run(res.run_dir)
+    assert again.step == 40 and again.summary["resumed_from_step"] == 20

@@ -164,6 +164,8 @@ def test_override_lands_in_the_named_field_only(data):
     cfg = cfgmod.load(None, [f"{path}={text}"])
     assert same(get_path(cfg, path), value), (path, text)
     changed = {k for k, _, _ in cfgmod.differences(cfgmod.Config(), cfg)}
+    if path == "data.kind":  # another kind starts from its generator's own defaults (empty params)
+        changed = {k for k in changed if not k.startswith("data.params")}
     assert changed <= {path}
     # the dict form of overrides does the same
     assert cfgmod.load(None, {path: value}) == cfg

@@ -274,7 +274,12 @@ def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, han
     if write:
         _check_out_dir(out_dir, overwrite, resume)
     if dataset is None:
-        dataset = make_dataset(cfg, x, y, x_test, y_test)
+        if resume and x is None and y is None:
+            from mfld.app.replot import load_dataset  # the stored arrays (data.npz) or the config's data
+
+            dataset = load_dataset(out_dir, cfg)
+        else:
+            dataset = make_dataset(cfg, x, y, x_test, y_test)
     check_data(cfg, dataset)
     problem = build_problem(cfg, dataset)
     stepper = dynamics.Langevin(eta=cfg.dynamics.eta, scheme=cfg.dynamics.scheme,
