@@ -189,6 +189,25 @@ def animate(run_dir, out_gif):
     click.echo(str(_animate(run_dir, out_gif)))
 
 
+@cli.command()
+@click.argument("config", required=False, type=click.Path())
+@click.option("--grid", "grid", multiple=True, metavar="NAME=V1,V2",
+              help="Values of tau, lam or eta (repeatable), e.g. --grid tau=0.01,0.02.")
+@click.option("--seeds", type=int, default=1, show_default=True, help="Seeds per grid point.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Sweep directory.")
+@click.option("--threads", type=int, default=None, help="CPU cores to use (before JAX starts).")
+def sweep(config, grid, seeds, overrides, out, threads):
+    """All members of a hyperparameter grid in one compiled, vmapped call (see mfld.app.sweep_cmd)."""
+    if threads is not None:
+        from mfld.sharding import configure_cpu
+
+        configure_cpu(threads=threads)
+    from mfld.app.sweep_cmd import run_sweep
+
+    click.echo(str(run_sweep(config, overrides, grid, seeds, out)))
+
+
 def main(argv=None):
     cli.main(args=argv)
 

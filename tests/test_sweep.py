@@ -77,3 +77,27 @@ def test_sweep_validates_values():
     with pytest.raises(ConfigError, match="sweep"):
         sweep.run(problem, Langevin(0.1), [], 10, 1)
     assert dynamics.Langevin(0.1).memory_budget is None
+
+
+def test_cli_sweep_writes_member_dirs_table_and_band_figures(tmp_path):
+    import csv
+
+    from mfld.app import rundir
+    from mfld.cli import main
+
+    out = tmp_path / "sw"
+    main(["sweep", "--grid", "tau=0.01,0.05", "--seeds", "2", "--set", "dynamics.steps=20",
+          "--set", "record.every=10", "--set", "model.n_particles=64", "--out", str(out)])
+    rows = list(csv.DictReader((out / "sweep.csv").read_text().splitlines()))
+    assert len(rows) == 4 and {r["tau"] for r in rows} == {"0.01", "0.05"}
+    for r in rows:
+        d = out / f"lam={float(r['lam']):g}_tau={float(r['tau']):g}_eta={float(r['eta']):g}_seed={r['seed']}"
+        m = rundir.read_metrics(d / rundir.METRICS)
+        assert list(m["step"]) == [0, 10, 20]
+        assert float(r["risk"]) == pytest.approx(m["risk"][-1], rel=1e-6)
+        assert "objective" in (d / rundir.CONFIG).read_text()
+    assert rows[0]["risk"] != rows[1]["risk"]  # seeds differ
+    assert len(list((out / "figures").glob("risk_*.png"))) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--grid", "alpha=1", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
