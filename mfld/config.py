@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mfld.errors import ConfigError
 
 ACTIVATION_NAMES = ("tanh", "sigmoid", "erf", "relu", "softplus", "gelu", "linear")
+DEFAULT_TEACHER_PARAMS = dict(n=64, d=1, teacher_width=3, noise=0.05, n_test=256)
 DATA_KINDS = ("teacher_student", "single_index", "gaussian_mixture", "sparse_parity", "sklearn", "file")
 
 
@@ -35,8 +36,16 @@ class DataConfig(_Section):
     kind: Literal[DATA_KINDS] = "teacher_student"  # type: ignore[valid-type]
     seed: int | None = Field(default=None, ge=0, description="data seed (default: the run seed)")
     params: dict[str, Any] = Field(
-        default_factory=lambda: dict(n=64, d=1, teacher_width=3, noise=0.05, n_test=256),
+        default_factory=lambda: dict(DEFAULT_TEACHER_PARAMS),
         description="generator parameters (see mfld.data.make_dataset)")
+
+    @model_validator(mode="after")
+    def _params_follow_kind(self):
+        # The default params are the default teacher-student problem's; choosing another
+        # kind without giving params must not carry them over (they would be unknown there).
+        if "params" not in self.model_fields_set and self.kind != "teacher_student":
+            object.__setattr__(self, "params", {})
+        return self
 
 
 class InitConfig(_Section):
