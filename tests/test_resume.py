@@ -125,7 +125,8 @@ def test_sigkill_at_a_random_point_then_resume_is_bit_identical(tmp_path, cli_en
     assert len(metrics_without_wall_time(ref)) == steps // 10 + 2  # header + one row per record
 
 
-def test_sigint_checkpoints_then_resume_extends_bit_identically(tmp_path, cli_env, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_checkpoints_then_resume_extends_bit_identically(sig, tmp_path, cli_env, capsys):
     run_dir = tmp_path / "int"
     proc = spawn([*BASE, "--set", "dynamics.steps=1000000", "--out", str(run_dir)], cli_env, tmp_path)
     wait_for_checkpoint(proc, run_dir, 50)
@@ -136,12 +137,12 @@ def test_sigint_checkpoints_then_resume_extends_bit_identically(tmp_path, cli_en
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"in use by process {proc.pid}" in err and err.count("\n") == 1
 
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err
     assert "Traceback" not in err and "status=interrupted" in out
     summary = json.loads((run_dir / rundir.SUMMARY).read_text())
-    assert summary["status"] == "interrupted" and summary["signal"] == signal.SIGINT
+    assert summary["status"] == "interrupted" and summary["signal"] == sig
     ck = checkpoint_step(run_dir)
     assert summary["checkpoint_step"] == ck == summary["final"]["step"] and ck % 10 == 0
     metrics = rundir.read_metrics(run_dir / rundir.METRICS)
