@@ -63,6 +63,9 @@ try:
     if ARGS.no_torch:
         raise ImportError
     import torch
+
+    if ARGS.threads:
+        torch.set_num_threads(ARGS.threads)
 except ImportError:
     torch = None
 

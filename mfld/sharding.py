@@ -30,9 +30,10 @@ import math
 import os
 from functools import lru_cache, partial
 
-import numpy as np
-
 from mfld.errors import ConfigError
+
+# NumPy is imported inside the functions: configure_cpu must be able to run before NumPy
+# (and its BLAS thread pool) starts.
 
 AXIS = "p"
 
@@ -49,6 +50,8 @@ def configure_cpu(threads: int | None = None, devices: int | None = None):
     cores -- and ``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/``MKL_NUM_THREADS`` are set for
     NumPy. Devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=K`` plus
     ``jax_num_cpu_devices`` (for testing sharded code; no speed-up on a few cores).
+    The BLAS variables only take effect if NumPy has not been imported yet (this module
+    imports it lazily for that reason); the pinning applies regardless.
     """
     if threads is not None:
         threads = int(threads)
@@ -110,6 +113,8 @@ def is_writer() -> bool:
 # ------------------------------------------------------------------------------- the mesh
 def make_mesh(n_devices: int | None = None):
     """A 1-D mesh ``('p',)`` over the first ``n_devices`` devices (default: all, all processes)."""
+    import numpy as np
+
     import jax
     from jax.sharding import Mesh
 
@@ -127,6 +132,8 @@ def padded_count(n_particles: int, n_devices: int) -> int:
 
 
 def _put(host, sharding):
+    import numpy as np
+
     import jax
 
     host = np.asarray(host)
@@ -135,6 +142,8 @@ def _put(host, sharding):
 
 def replicate(tree, mesh):
     """Place every array leaf of ``tree`` (e.g. a Problem) on all devices of the mesh."""
+    import numpy as np
+
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -164,6 +173,8 @@ def shard_state(state, mesh) -> ShardedState:
 
     Every process must pass the same (full) ``state``; each contributes its own rows.
     """
+    import numpy as np
+
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -192,6 +203,8 @@ def unpad(state, n_particles: int):
 
 def gather(state, n_particles: int | None = None):
     """Host NumPy copies ``(a, w)`` of the (real) particles, on every process."""
+    import numpy as np
+
     import jax
     from jax.experimental import multihost_utils
 
