@@ -252,7 +252,8 @@ def main():
     ceiling, parts = gemm_ceiling()
     print(f"fp32 GEMM ceiling: {ceiling:.0f} GFLOP/s ({', '.join(f'{k} {v:.0f}' for k, v in parts.items())})")
     results = {"machine": info, "ceiling_gflops": ceiling, "grid": [], "scaling_N": [], "scaling_n": []}
-    hdr = f"{'n':>5} {'d':>4} {'N':>7} | {'mfld':>8} {'numpy':>8} {'torch':>8} | {'x numpy':>7} {'x torch':>7} | {'GEMM %':>6}"
+    hdr = (f"{'n':>5} {'d':>4} {'N':>7} | {'mfld':>8} {'numpy':>8} {'torch':>8} | "
+           f"{'x numpy':>7} {'x torch':>7} | {'GEMM %':>6}")
     print("\nsteps/s (median of interleaved repetitions)\n" + hdr + "\n" + "-" * len(hdr))
     for n, d, N in GRID:
         x, y, a, w = data(n, d, N)

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -253,7 +254,7 @@ class History:
 def simulate(problem: Problem, state: ParticleState, stepper: Langevin, n_steps: int, *,
              record_every: int = 100, chunk: int | None = None,
              recorder: Callable | None = None, callback: Callable | None = None,
-             progress: bool = False, record_initial: bool = True, history: "History | None" = None,
+             progress: bool = False, record_initial: bool = True, history: History | None = None,
              advance: Callable | None = None):
     """Run the dynamics from ``state.step`` up to ``state.step + n_steps``.
 

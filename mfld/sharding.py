@@ -113,9 +113,8 @@ def is_writer() -> bool:
 # ------------------------------------------------------------------------------- the mesh
 def make_mesh(n_devices: int | None = None):
     """A 1-D mesh ``('p',)`` over the first ``n_devices`` devices (default: all, all processes)."""
-    import numpy as np
-
     import jax
+    import numpy as np
     from jax.sharding import Mesh
 
     devs = jax.devices()
@@ -132,9 +131,8 @@ def padded_count(n_particles: int, n_devices: int) -> int:
 
 
 def _put(host, sharding):
-    import numpy as np
-
     import jax
+    import numpy as np
 
     host = np.asarray(host)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
@@ -142,10 +140,10 @@ def _put(host, sharding):
 
 def replicate(tree, mesh):
     """Place every array leaf of ``tree`` (e.g. a Problem) on all devices of the mesh."""
-    import numpy as np
-
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     rep = NamedSharding(mesh, P())
 
@@ -173,10 +171,10 @@ def shard_state(state, mesh) -> ShardedState:
 
     Every process must pass the same (full) ``state``; each contributes its own rows.
     """
-    import numpy as np
-
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from mfld.dynamics import ParticleState
 
@@ -203,9 +201,8 @@ def unpad(state, n_particles: int):
 
 def gather(state, n_particles: int | None = None):
     """Host NumPy copies ``(a, w)`` of the (real) particles, on every process."""
-    import numpy as np
-
     import jax
+    import numpy as np
     from jax.experimental import multihost_utils
 
     n = state.a.shape[0] if n_particles is None else n_particles
@@ -239,7 +236,8 @@ def _interaction_fn(mesh, memory_budget):
 def sharded_step(problem, state, stepper, *, mesh, n_particles: int):
     """One step of a padded, sharded state (jittable; ``mesh`` and ``n_particles`` static)."""
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from mfld import dynamics
 

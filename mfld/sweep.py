@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +87,7 @@ def _runner(problem, stepper, donate):
     p_axes, s_axes = _axes(problem, stepper)
 
     def run(pb, state, st, n_steps):
-        f = jax.vmap(lambda p, s, l: dynamics.run_steps(p, s, l, n_steps)[0], in_axes=(p_axes, 0, s_axes))
+        f = jax.vmap(lambda p, s, lv: dynamics.run_steps(p, s, lv, n_steps)[0], in_axes=(p_axes, 0, s_axes))
         return f(pb, state, st)
 
     return jax.jit(run, static_argnames=("n_steps",), donate_argnames=("state",) if donate else ())
