@@ -1,6 +1,7 @@
 """Quickstart: the README's Python example (executed by the tests)."""
 
 import numpy as np
+
 import mfld
 
 # The library level: a Problem, particles, and the jitted simulator.
