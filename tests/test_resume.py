@@ -157,6 +157,22 @@ def test_signal_checkpoints_then_resume_extends_bit_identically(sig, tmp_path, c
     assert_identical_runs(run_dir, ref)
 
 
+def test_extending_a_run_that_ended_off_the_record_grid_with_certificates_is_bit_identical(tmp_path):
+    """A run of 55 steps records at 0, 10, ..., 50 and closes with a row at 55; extended to 100
+    steps it must equal a single 100-step run, which has no row at 55. Certificates on: their
+    columns (float64 quadrature of the same particles) are part of the contract too."""
+    args = ["--set", "model.n_particles=50", "--set", "record.every=10", "--set", "record.checkpoint_every=50",
+            "--set", "record.certify_every=10", "--set", "record.optimum=true", "--quiet"]
+    run_dir, ref = tmp_path / "ext", tmp_path / "ref"
+    main(["run", *args, "--set", "dynamics.steps=55", "--out", str(run_dir)])
+    assert list(rundir.read_metrics(run_dir / rundir.METRICS)["step"]) == [0, 10, 20, 30, 40, 50, 55]
+    main(["run", "--resume", "--out", str(run_dir), "--set", "dynamics.steps=100", "--quiet"])
+    main(["run", *args, "--set", "dynamics.steps=100", "--out", str(ref)])
+    assert_identical_runs(run_dir, ref)
+    m = rundir.read_metrics(ref / rundir.METRICS)
+    assert list(m["step"]) == list(range(0, 101, 10)) and np.all(np.isfinite(m["gap"]))
+
+
 def test_resume_refuses_a_different_config_and_leaves_the_run_alone(tmp_path, capsys):
     run_dir = tmp_path / "r"
     main(["run", *BASE, "--set", "dynamics.steps=100", "--out", str(run_dir)])

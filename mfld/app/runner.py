@@ -299,7 +299,11 @@ def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, han
             resumed_from = int(state.step)
             if (out_dir / rundir.METRICS).exists():
                 prior = rundir.read_metrics(out_dir / rundir.METRICS)
-                keep = prior["step"] <= resumed_from  # rows after the checkpoint are replayed
+                # rows after the checkpoint are replayed; the closing record of a run whose
+                # length is not a multiple of record.every is not one an uninterrupted longer
+                # run would have, so it goes when the run is extended
+                steps = prior["step"]
+                keep = (steps <= resumed_from) & ((steps % cfg.record.every == 0) | (steps >= cfg.dynamics.steps))
                 prior = {k: v[keep] for k, v in prior.items()}
         else:
             resumed_from = 0  # killed before the first checkpoint: start again from step 0
