@@ -30,6 +30,15 @@ Integration over w (``method``):
 - ``mc``: importance sampling over w ~ N(0, tau/lam I) (any p), with delta-method standard
   errors and the effective sample size. -tau log Z_hat is biased (Jensen): the reported lower
   bound is D_hat - 2 SE and the upper F_hat + 2 SE, labelled statistical (``certified`` 0).
+  Weight diagnostics (THEORY 6: "warn when it collapses"): ``ess`` = (sum w)^2 / sum w^2 and
+  ``pareto_k``, the Pareto-smoothed importance-sampling tail index k_hat (Vehtari et al.):
+  the largest importance weights are fitted by a generalised Pareto law; the weights have
+  finite variance iff k < 1/2, and above :data:`PARETO_K_MAX` = 0.7 the estimate is
+  unreliable at any practical sample size. For the linear activation k = |c|^2 / lam^2
+  exactly (the weight exp(g^2/(2 lam tau)) has tail P(W > t) ~ t^(-lam^2/|c|^2)), so THEORY's
+  infinite-variance condition |c|^2 > lam^2/2 is k > 1/2. ``ess_low`` flags an effective
+  sample size below :func:`ess_threshold` (max(100, 1% of the samples)); see
+  :func:`mc_warnings` for the message a run puts in its notes.
 
 Refused (:class:`mfld.errors.TheoryNotApplicable`): tau = 0 and NTK scaling.
 """
@@ -56,6 +65,12 @@ __all__ = [
     "primal_bound",
     "certify",
     "METHODS",
+    "ESS_MIN",
+    "ESS_MIN_FRACTION",
+    "PARETO_K_MAX",
+    "ess_threshold",
+    "pareto_k",
+    "mc_warnings",
 ]
 
 METHODS = ("auto", "closed_form", "quadrature", "mc")
@@ -63,6 +78,21 @@ _MARGIN = 40.0  # nats: the integrand is negligible (e^-40 of its maximum) outsi
 _MAX_NODES_X_DATA = 2 ** 24  # cap on (#nodes * n) for the quadrature grid (~128 MB of sigma values)
 _CHUNK = 2 ** 21  # elements per chunk of sigma values when they are not cached
 _QUAD_TOL = 1e-11
+
+#: The effective sample size below which a Monte Carlo certificate is flagged (``ess_low``):
+#: ESS < max(ESS_MIN, ESS_MIN_FRACTION * samples). Why these numbers: the standard error is
+#: itself estimated from the same weights, with a relative error of order ESS^-1/2 when the
+#: weights have finite variance and none at all when they do not; below ~100 effective samples
+#: the estimate rests on a handful of points and its "2 SE" is not a confidence statement.
+#: With finite-variance weights ESS/M tends to 1/(1 + chi^2(rho_hat_w || N(0, tau/lam I))), a
+#: constant; a fraction below 1% means chi^2 > 99, and with infinite-variance weights ESS/M
+#: falls to 0 as M grows (like M^(1 - 2k) for tail index k), so more samples barely help.
+ESS_MIN = 100.0
+ESS_MIN_FRACTION = 0.01
+#: Pareto k_hat above which importance-sampling estimates are unreliable (Vehtari, Simpson,
+#: Gelman, Yao, Gabry, "Pareto smoothed importance sampling", JMLR 2024: min(1 - 1/log10 S,
+#: 0.7), which is 0.7 for S >= 2200 samples).
+PARETO_K_MAX = 0.7
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,6 +372,94 @@ def _components(spec: _Spec, g: np.ndarray):
 
 
 # ---------------------------------------------------------------------------------------
+# Importance-weight diagnostics (Monte Carlo): effective sample size and Pareto k_hat
+# ---------------------------------------------------------------------------------------
+
+
+def ess_threshold(n_samples: int) -> float:
+    """The effective sample size below which a Monte Carlo estimate is flagged:
+    max(:data:`ESS_MIN`, :data:`ESS_MIN_FRACTION` * n_samples) (reasons at the constants)."""
+    return max(ESS_MIN, ESS_MIN_FRACTION * float(n_samples))
+
+
+def _gpd_fit_k(x: np.ndarray) -> float:
+    """Shape k of a generalised Pareto law fitted to sorted positive exceedances ``x``
+    (Zhang & Stephens 2009 profile-posterior estimator, with the weak prior of Vehtari et al.
+    that shrinks k towards 1/2 by 10 pseudo-observations)."""
+    n = x.size
+    m = 30 + int(math.sqrt(n))
+    b = 1.0 - np.sqrt(m / (np.arange(1, m + 1) - 0.5))
+    b /= 3.0 * x[int(n / 4 + 0.5) - 1]
+    b += 1.0 / x[-1]
+    k = np.log1p(-b[:, None] * x[None, :]).mean(axis=1)
+    ll = n * (np.log(-b / k) - k - 1.0)
+    with np.errstate(over="ignore"):  # exp overflow -> inf -> a weight of exactly 0, as intended
+        wt = 1.0 / np.exp(ll[None, :] - ll[:, None]).sum(axis=1)
+    keep = wt >= 10 * np.finfo(float).eps
+    wt, b = wt[keep] / wt[keep].sum(), b[keep]
+    k_post = float(np.log1p(-np.sum(b * wt) * x).mean())
+    return (n * k_post + 10 * 0.5) / (n + 10)
+
+
+def pareto_k(log_weights) -> float:
+    """Pareto-smoothed importance-sampling diagnostic k_hat of a sample of log weights.
+
+    The largest M = ceil(min(S/5, 3 sqrt(S))) weights, less the (M+1)-th largest, are fitted by
+    a generalised Pareto law; its shape k estimates the tail index of the weights: the weights
+    have finite variance iff k < 1/2 and the estimate is unreliable above 0.7 (Vehtari et al.,
+    JMLR 2024). nan for fewer than 20 finite weights or a degenerate tail (all equal).
+    """
+    lw = np.asarray(log_weights, dtype=np.float64).reshape(-1)
+    lw = lw[np.isfinite(lw)]
+    s = lw.size
+    m = int(math.ceil(min(0.2 * s, 3.0 * math.sqrt(s))))
+    if s < 20 or m < 5:
+        return math.nan
+    tail = np.sort(lw[np.argpartition(lw, s - m - 1)[s - m - 1:]])
+    top = tail[-1]
+    ex = np.exp(tail[1:] - top) - math.exp(tail[0] - top)
+    if not ex[-1] > 0 or not np.all(np.isfinite(ex)):
+        return math.nan
+    ex = np.maximum(ex, 1e-300 * ex[-1])
+    return float(_gpd_fit_k(ex))
+
+
+def mc_warnings(columns) -> list[str]:
+    """Warnings for Monte Carlo certificates whose importance weights degenerated.
+
+    ``columns``: a mapping with the certificate keys of :func:`certify` as sequences over the
+    records (a run's metrics) -- ``ess_low``, ``ess``, ``pareto_k``, and optionally ``step``.
+    Returns one line per problem found (empty when nothing to say): records whose effective
+    sample size fell below :func:`ess_threshold`, and records whose Pareto k_hat exceeds
+    :data:`PARETO_K_MAX` (weights with a tail too heavy for importance sampling: THEORY 6's
+    infinite-variance case). Either way the "2 SE" of those records is not a confidence bound.
+    """
+    def col(k):
+        v = columns.get(k) if hasattr(columns, "get") else None
+        return None if v is None else np.asarray(v, dtype=np.float64).reshape(-1)
+
+    out = []
+    low, ess, kk, step = col("ess_low"), col("ess"), col("pareto_k"), col("step")
+    if low is not None and low.size:
+        bad = np.nonzero(low == 1.0)[0]
+        if bad.size:
+            where = (f" (first at step {int(step[bad[0]])})" if step is not None and step.size == low.size
+                     else "")
+            min_ess = float(np.nanmin(ess[bad])) if ess is not None and ess.size == low.size else math.nan
+            out.append(f"Monte Carlo certificate: the effective sample size collapsed in {bad.size} of "
+                       f"{int(np.sum(np.isfinite(low)))} certified records{where}, down to {min_ess:.3g} (threshold max({ESS_MIN:g}, "
+                       f"{100 * ESS_MIN_FRACTION:g}% of the samples)); their dual_lower/primal_upper and 2 SE are "
+                       "not reliable: raise record.certify_samples, or use quadrature (dim w <= 2) or the closed "
+                       "form (linear activation)")
+    if kk is not None and kk.size and np.any(kk > PARETO_K_MAX):
+        nb = int(np.sum(kk > PARETO_K_MAX))
+        out.append(f"Monte Carlo certificate: the importance weights are heavy-tailed (Pareto k_hat up to "
+                   f"{float(np.nanmax(kk)):.2g} > {PARETO_K_MAX} in {nb} records; k > 0.5 means infinite "
+                   "variance, THEORY 6): the standard errors understate the error of those records")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # One evaluation of D, F(rho_hat), the gradient, on a node set
 # ---------------------------------------------------------------------------------------
 
@@ -352,7 +470,9 @@ class Evaluation:
 
     ``err_D``/``err_F``: quadrature error estimates (0 for the closed form, nan for MC);
     ``se_D``/``se_F``: Monte Carlo standard errors (0 otherwise); ``ess``: effective sample
-    size (nan unless MC); ``tau_log_z``: tau sum_c pi_c log Z_c.
+    size (nan unless MC; the smallest over the sign groups); ``pareto_k``: the weights' tail
+    index k_hat (nan unless MC with ``stats``; the largest over the groups); ``n_samples``:
+    the Monte Carlo sample size; ``tau_log_z``: tau sum_c pi_c log Z_c.
     """
 
     D: float
@@ -367,7 +487,14 @@ class Evaluation:
     se_D: float = 0.0
     se_F: float = 0.0
     ess: float = math.nan
+    pareto_k: float = math.nan
+    n_samples: int = 0
     info: dict = field(default_factory=dict)
+
+    @property
+    def ess_low(self) -> bool:
+        """True for a Monte Carlo evaluation whose effective sample size collapsed."""
+        return self.method == "mc" and bool(self.ess < ess_threshold(self.n_samples))
 
     @property
     def lower(self) -> float:
@@ -388,8 +515,10 @@ def _eval_nodes(spec: _Spec, nodes: _Nodes, u: np.ndarray, *, stats: bool = Fals
     coef = np.zeros((len(comps), nodes.w.shape[0]))
     omegas = []
     ess = math.inf
+    lws = []
     for i, (pi_c, lc, bc) in enumerate(comps):
         lw = nodes.logbase + lc
+        lws.append(lw)
         lse = logsumexp(lw)
         if not np.isfinite(lse):
             return _infeasible(spec, u, nodes.kind)
@@ -408,7 +537,9 @@ def _eval_nodes(spec: _Spec, nodes: _Nodes, u: np.ndarray, *, stats: bool = Fals
     ev.info["inner_err"] = inner_err * spec.tau
     if nodes.kind == "mc":
         ev.ess = ess
+        ev.n_samples = int(nodes.w.shape[0])
         if stats:
+            ev.pareto_k = max(pareto_k(lw) for lw in lws)
             m = nodes.w.shape[0]
             cvec = (spec.loss_deriv(f_hat, spec.y) - u) / n
             sc = nodes.matvec(spec, cvec)  # sum_j cvec_j sigma(w_k x_j)
@@ -595,7 +726,9 @@ def certify(problem, a, w, *, method="auto", n_samples=65536, seed=0, optimum=No
     Keys: ``dual_lower`` (D(u) minus its quadrature error, or D_hat - 2 SE: <= F*),
     ``primal_upper`` (F(rho_hat_u) plus error or + 2 SE: >= F*), ``gap`` (their difference),
     ``certified`` (1.0 for closed form / quadrature, 0.0 for Monte Carlo), ``ess`` (nan
-    unless Monte Carlo), ``dual_value``/``primal_value`` (the point values), ``bound_err``
+    unless Monte Carlo), ``ess_low`` (1.0 when a Monte Carlo effective sample size fell below
+    :func:`ess_threshold`, else 0.0), ``pareto_k`` (the weights' tail index k_hat, nan unless
+    Monte Carlo; above :data:`PARETO_K_MAX` the estimate is unreliable), ``dual_value``/``primal_value`` (the point values), ``bound_err``
     (quadrature error or 2 SE on the dual), ``free_energy_est`` (R + lam/2 E|theta|^2 -
     tau H_kNN of the particles: an *estimate*), ``entropy_reliable`` (0.0 if the particle
     dimension exceeds 5), ``kl_gap_est`` (free_energy_est - D(u), an estimate of
@@ -617,6 +750,8 @@ def certify(problem, a, w, *, method="auto", n_samples=65536, seed=0, optimum=No
         "gap": float(upper - lower),
         "certified": 1.0 if ev.certified else 0.0,
         "ess": float(ev.ess) if ev.method == "mc" else math.nan,
+        "ess_low": 1.0 if ev.ess_low else 0.0,
+        "pareto_k": float(ev.pareto_k) if ev.method == "mc" else math.nan,
         "dual_value": float(ev.D),
         "primal_value": float(ev.F),
         "bound_err": float(2 * ev.se_D if ev.method == "mc" else ev.err_D),

@@ -215,3 +215,104 @@ def test_certify_dual_point_is_the_particles_residual():
     np.testing.assert_allclose(u, f - np.asarray(pr.y, np.float64), atol=1e-12)
     out = duality.certify(pr, a, w)
     assert out["dual_value"] == pytest.approx(duality.dual(pr, u), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# Monte Carlo weight diagnostics: effective sample size and Pareto k_hat (THEORY 6)
+# ---------------------------------------------------------------------------------------
+
+
+def _linear_problem_with_c(frac, seed=5):
+    """Linear activation, d = 2 with bias: data y = -u with |c(u)| = frac * lam, so that the
+    particles a = 0 (f = 0, u = f - y) sit at that u; the weight exp(g^2/(2 lam tau)) has tail
+    index k = |c|^2 / lam^2 = frac^2 (finite variance iff frac^2 < 1/2)."""
+    pr = _problem("linear", d=2, bias=True, lam=1.0, tau=0.1)
+    u = _u_with_c(pr, frac, seed=seed)
+    with jax.enable_x64(True):
+        return Problem.create(np.asarray(pr.x)[:, :2], -u, activation="linear", lam=1.0, tau=0.1, bias=True), u
+
+
+@pytest.mark.parametrize("frac", [0.45, 0.9])
+def test_pareto_k_estimates_the_weights_tail_index(frac):
+    # k = frac^2 = 0.2 (finite variance) and 0.81 (infinite variance). Error model: the
+    # generalised-Pareto fit on the M = 768 largest of 2^16 weights has a standard error of
+    # about (1 + k)/sqrt(M) ~ 0.065, plus a small upward bias from the slowly varying factor
+    # of the Gaussian-square tail; 0.15 is about 2 SE + that bias.
+    pr = _problem("linear", d=2, bias=True, lam=1.0, tau=0.1)
+    u = _u_with_c(pr, frac, seed=5)
+    mc = duality.evaluate(pr, u, method="mc", n_samples=2 ** 16, seed=0)
+    assert mc.pareto_k == pytest.approx(frac ** 2, abs=0.15)
+    assert (mc.pareto_k > 0.5) == (frac ** 2 > 0.5)
+
+
+def test_certify_flags_infinite_variance_weights():
+    # |c| = 0.95 lam: k = 0.9, the weights' variance is infinite, ESS/M -> 0 (~M^(1-2k)).
+    pr, _ = _linear_problem_with_c(0.95)
+    a, w = np.zeros(400), np.random.default_rng(0).standard_normal((400, 3))
+    rows = [duality.certify(pr, a, w, method="mc", n_samples=2 ** 16, seed=s) for s in range(3)]
+    for r in rows:
+        assert r["certified"] == 0.0 and r["pareto_k"] > duality.PARETO_K_MAX
+    # ESS itself is erratic here (a few dozen to a few hundred of 65536): at least one record is
+    # below the threshold max(100, 655), and the run-level warning names both symptoms
+    assert any(r["ess_low"] == 1.0 for r in rows)
+    cols = {k: [r[k] for r in rows] for k in ("ess", "ess_low", "pareto_k")}
+    cols["step"] = [0, 10, 20]
+    notes = duality.mc_warnings(cols)
+    assert len(notes) == 2 and "effective sample size collapsed" in notes[0] and "heavy-tailed" in notes[1]
+    # the closed form for the same particles is certified and carries no warning
+    cf = duality.certify(pr, a, w)
+    assert cf["ess_low"] == 0.0 and math.isnan(cf["pareto_k"]) and cf["certified"] == 1.0
+
+
+def test_certify_no_warning_for_finite_variance_weights():
+    # |c|^2 = 0.2 lam^2 < lam^2/2: ESS ~ 0.97 M and k ~ 0.2, no warning; the MC bracket holds
+    pr, _ = _linear_problem_with_c(0.45)
+    a, w = np.zeros(400), np.random.default_rng(0).standard_normal((400, 3))
+    r = duality.certify(pr, a, w, method="mc", n_samples=2 ** 16, seed=1)
+    assert r["ess_low"] == 0.0 and r["ess"] > 0.5 * 2 ** 16 and r["pareto_k"] < 0.5
+    assert duality.mc_warnings({k: [r[k]] for k in ("ess", "ess_low", "pareto_k")}) == []
+    exact = duality.certify(pr, a, w)
+    assert r["dual_lower"] <= exact["dual_value"] <= r["primal_upper"]
+
+
+def test_ess_collapses_for_large_g2_over_lam_tau():
+    # tanh, dim(w) = 4, G^2/(2 lam tau) ~ 130: the weight exp(g^2/(2 lam tau)) spans e^130, a few
+    # samples carry all the mass (ESS ~ 1 of 16384) while the delta-method SE stays small:
+    # exactly the case where the SE must not be trusted.
+    pr = _problem("tanh", d=3, bias=True, lam=0.05, tau=0.02)
+    u = -np.asarray(pr.y, dtype=np.float64)
+    mc = duality.evaluate(pr, u, method="mc", n_samples=2 ** 14, seed=0)
+    assert mc.ess < duality.ess_threshold(2 ** 14) and mc.ess_low
+    assert mc.pareto_k > duality.PARETO_K_MAX
+    # a gentle problem (G^2/(2 lam tau) ~ 6.5) keeps a healthy ESS
+    ok = duality.evaluate(_problem("tanh", d=3, bias=True, lam=0.2, tau=0.1), u, method="mc",
+                          n_samples=2 ** 14, seed=0)
+    assert not ok.ess_low and ok.pareto_k < 0.5
+
+
+def test_ess_threshold_and_warnings_contract():
+    assert duality.ess_threshold(1000) == 100.0 and duality.ess_threshold(2 ** 16) == pytest.approx(655.36)
+    assert duality.mc_warnings({}) == []
+    # certified columns (ess nan, ess_low 0, pareto_k nan) never warn
+    assert duality.mc_warnings({"ess": [math.nan] * 3, "ess_low": [0.0] * 3, "pareto_k": [math.nan] * 3}) == []
+    # Gaussian weights of a known tail: log w = k xi^2 / 2 has tail index k
+    xi = np.random.default_rng(0).standard_normal(2 ** 16)
+    assert duality.pareto_k(0.3 * xi ** 2 / 2) == pytest.approx(0.3, abs=0.15)
+    assert duality.pareto_k(np.zeros(100)) != duality.pareto_k(np.zeros(100))  # constant weights: nan
+
+
+def test_run_summary_notes_warn_when_ess_collapses(tmp_path):
+    # d = 3 with bias: dim(w) = 4, so `mfld run` certifies by Monte Carlo; lam = 0.05, tau = 0.02
+    # and the default teacher give G^2/(2 lam tau) ~ 10^2: the ESS collapses from the start.
+    from mfld.app import runner
+
+    res = runner.run(overrides={"model.n_particles": 200, "dynamics.steps": 20, "record.every": 10,
+                                "record.certify_every": 10, "record.certify_samples": 4096,
+                                "record.optimum": False, "record.checkpoint_every": 0, "data.params.d": 3,
+                                "objective.lam": 0.05, "objective.tau": 0.02},
+                     out=tmp_path / "r", progress=False, write=False)
+    m = res.metrics
+    assert np.all(m["certified"] == 0.0) and np.all(m["ess_low"] == 1.0)
+    assert np.all(m["ess"] < duality.ess_threshold(4096)) and np.all(m["pareto_k"] > duality.PARETO_K_MAX)
+    assert any("effective sample size collapsed in 3 of 3" in s for s in res.notes)
+    assert any("heavy-tailed" in s for s in res.notes)
