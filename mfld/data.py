@@ -49,9 +49,7 @@ def _np_activation(name: str):
         "gelu": lambda z: 0.5 * z * (1.0 + erf(z / np.sqrt(2.0))),
         "linear": lambda z: z,
     }
-    if name not in table:
-        raise ConfigError("unknown teacher activation", field="data.params.activation", value=name,
-                          allowed=", ".join(table))
+    _choice(name, "data.params.activation", tuple(table))
     return table[name]
 
 
@@ -68,6 +66,10 @@ def teacher_student(n: int = 64, d: int = 1, *, teacher_width: int = 3, noise: f
     _positive_int(n, "data.params.n")
     _positive_int(d, "data.params.d")
     _positive_int(teacher_width, "data.params.teacher_width")
+    _finite(teacher_scale, "data.params.teacher_scale")
+    _positive(input_scale, "data.params.input_scale")
+    if not isinstance(bias, bool):
+        raise ConfigError("must be true or false", field="data.params.bias", value=bias)
     _nonneg(noise, "data.params.noise")
     _nonneg_int(n_test, "data.params.n_test")
     n, d, n_test, teacher_width = int(n), int(d), int(n_test), int(teacher_width)
@@ -116,8 +118,7 @@ def single_index(n: int = 256, d: int = 5, *, link: str = "tanh", noise: float =
     _positive_int(d, "data.params.d")
     _nonneg(noise, "data.params.noise")
     _nonneg_int(n_test, "data.params.n_test")
-    if link not in _LINKS:
-        raise ConfigError("unknown link", field="data.params.link", value=link, allowed=", ".join(_LINKS))
+    _choice(link, "data.params.link", tuple(_LINKS))
     n, d, n_test = int(n), int(d), int(n_test)
     rng = np.random.default_rng(seed)
     beta = rng.standard_normal(d)
@@ -179,7 +180,7 @@ def sparse_parity(n: int = 512, d: int = 10, *, k: int = 3, label_noise: float =
     if k > d:
         raise ConfigError(f"the parity support k = {k} exceeds the dimension d = {d}", field="data.params.k",
                           value=k, allowed=f"1 <= k <= d = {d}")
-    if not (np.isfinite(label_noise) and 0.0 <= label_noise <= 0.5):
+    if not (_is_number(label_noise) and 0.0 <= label_noise <= 0.5):
         raise ConfigError("must be a flip probability", field="data.params.label_noise", value=label_noise,
                           allowed="0 <= label_noise <= 0.5")
     n, d, k, n_test = int(n), int(d), int(k), int(n_test)
@@ -426,26 +427,40 @@ def make_dataset(kind: str, seed: int = 0, **params) -> Dataset:
 
 
 # ----------------------------------------------------------------------------- checks
+def _is_number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, np.integer, float, np.floating)) and bool(np.isfinite(v))
+
+
 def _positive_int(v, name):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer, float)) or int(v) != v or v < 1:
+    if not _is_number(v) or int(v) != v or v < 1:
         raise ConfigError("must be a positive integer", field=name, value=v)
 
 
 def _nonneg_int(v, name):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer, float)) or int(v) != v or v < 0:
+    if not _is_number(v) or int(v) != v or v < 0:
         raise ConfigError("must be a non-negative integer", field=name, value=v)
 
 
 def _nonneg(v, name):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer, float)) or not np.isfinite(v) or v < 0:
+    if not _is_number(v) or v < 0:
         raise ConfigError("must be a finite non-negative number", field=name, value=v)
 
 
 def _positive(v, name):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer, float)) or not np.isfinite(v) or v <= 0:
+    if not _is_number(v) or v <= 0:
         raise ConfigError("must be a finite positive number", field=name, value=v)
 
 
+def _finite(v, name):
+    if not _is_number(v):
+        raise ConfigError("must be a finite number", field=name, value=v)
+
+
+def _choice(v, name, allowed):
+    if not isinstance(v, str) or v not in allowed:
+        raise ConfigError("invalid value", field=name, value=v, allowed=", ".join(allowed))
+
+
 def _fraction(v, name):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer, float)) or not 0.0 <= v < 1.0:
+    if not _is_number(v) or not 0.0 <= v < 1.0:
         raise ConfigError("must be a fraction", field=name, value=v, allowed="0 <= value < 1")
