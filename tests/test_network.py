@@ -183,3 +183,39 @@ def test_problem_create_features_and_dims():
     np.testing.assert_array_equal(np.asarray(pr.features(x[:2])), np.asarray(pr.x)[:2])
     ok = Problem.create(x, np.sign(y) + (y == 0), loss="logistic")  # labels in {-1, +1}
     assert ok.loss.classification
+
+
+@pytest.mark.parametrize("scaling", ["mean_field", "ntk"])
+@pytest.mark.parametrize("output", ["trained", "fixed", "bounded"])
+def test_network_and_step_against_an_independent_numpy_formula(output, scaling, x64):
+    """The autodiff checks above share `predict`/`output_scale` with the code; this one does not.
+
+    Written out by hand from THEORY sections 1, 3, 8 in NumPy: f = s(N) sum_i out(a_i) tanh(w_i.x),
+    s = 1/N (mean field) or 1/sqrt(N) (NTK), out(a) = a or r_out tanh(a); one noiseless step
+    theta <- theta - eta * drift with drift = c * (1/n) sum_j u_j grad phi + k * theta, where
+    c = 1, k = lam (mean field) and c = 1/sqrt(N), k = lam/N (NTK). Agreement to 1e-12 (float64
+    rounding of O(1) quantities)."""
+    from mfld import dynamics
+
+    rng = np.random.default_rng(3)
+    n, N, r_out, lam, eta = 9, 7, 1.7, 0.3, 0.1
+    x, y = rng.standard_normal((n, 2)), rng.standard_normal(n)
+    prob = Problem.create(x, y, activation="tanh", lam=lam, tau=0.0, output=output, scaling=scaling, r_out=r_out)
+    a = rng.standard_normal(N) if output != "fixed" else np.where(np.arange(N) < 4, 1.0, -1.0)
+    w = rng.standard_normal((N, 3))
+    X = np.concatenate([x, np.ones((n, 1))], axis=1)  # bias feature
+    s = 1.0 / N if scaling == "mean_field" else 1.0 / np.sqrt(N)
+    out = r_out * np.tanh(a) if output == "bounded" else a
+    dout = r_out * (1 - np.tanh(a) ** 2) if output == "bounded" else (np.zeros(N) if output == "fixed" else np.ones(N))
+    act = np.tanh(w @ X.T)
+    f = s * out @ act
+    np.testing.assert_allclose(np.asarray(network.predict(prob, jnp.asarray(a), jnp.asarray(w))), f, rtol=0, atol=1e-12)
+
+    u = f - y
+    c, k = (1.0, lam) if scaling == "mean_field" else (s, lam / N)
+    ga = c * dout * (act @ u) / n + (0.0 if output == "fixed" else k * a)
+    gw = c * (out[:, None] * ((1 - act**2) * u[None, :]) @ X) / n + k * w
+    state = dynamics.ParticleState(jnp.asarray(a), jnp.asarray(w), jnp.asarray(0, jnp.int32), jax.random.key(0))
+    new, _ = dynamics.step(prob, state, dynamics.Langevin(eta=eta))  # tau = 0: no noise
+    np.testing.assert_allclose(np.asarray(new.a), a - eta * ga, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(new.w), w - eta * gw, rtol=0, atol=1e-12)
