@@ -350,7 +350,9 @@ def solve_optimum(problem, *, tol: float = 1e-6, method: str = "auto", n_samples
 
     ``tol``: the Monte Carlo sample is doubled until F* changes by less than max(tol, 2 SE)
     (up to ``max_samples``); a warning-level note is put in ``info`` if the final error
-    exceeds ``tol``. ``gtol``: max-norm of grad D at the maximiser. ``method`` as in
+    exceeds ``tol`` (``warning``) or, with Monte Carlo, if the importance weights at u*
+    degenerate (``mc_warning``: ESS below :func:`mfld.duality.ess_threshold` or Pareto k_hat
+    above 0.7; ``info`` also has ``ess`` and ``pareto_k``). ``gtol``: max-norm of grad D at the maximiser. ``method`` as in
     :func:`mfld.duality.certify`. Refuses tau = 0 and NTK scaling.
     """
     spec = _spec(problem, plus_fraction)
@@ -403,11 +405,17 @@ def solve_optimum(problem, *, tol: float = 1e-6, method: str = "auto", n_samples
         err = max(final.F - final.D, 0.0) + 2 * final.se_D
         mean, cov = _moments_nodes(spec, fresh, u)
         info.update(sinfo, samples=M, ess=float(final.ess), se=float(final.se_D),
+                    pareto_k=float(final.pareto_k), ess_low=bool(final.ess_low),
                     sample_history=[list(h) for h in history])
     info["gap"] = float(final.F - final.D)
     info["grad_max"] = float(np.max(np.abs(final.grad)))
     if err > tol:
         info["warning"] = f"F* is known only to +-{err:.2g}, above the requested tolerance {tol:g}"
+    if m == "mc" and (final.ess_low or final.pareto_k > duality.PARETO_K_MAX):
+        info["mc_warning"] = (f"the Monte Carlo importance weights at u* degenerated (ESS {final.ess:.3g} of "
+                              f"{final.n_samples}, Pareto k_hat {final.pareto_k:.2g}; k > 0.5: infinite variance): "
+                              "F_star_err is not a reliable error bar; use quadrature (dim w <= 2) or the closed "
+                              "form (linear activation) if available")
     return Optimum(F_star=float(final.D), F_star_err=float(err), F_star_upper=float(final.upper), u=u,
                    f=final.f_hat.copy(),
                    method=m, mean=mean, cov=cov, plus_fraction=spec.plus_fraction, info=info,

@@ -70,6 +70,18 @@ def test_linear_optimum_by_monte_carlo_within_its_error():
     # F_star_err = gap + 2 SE of the fresh evaluation: a 2-sigma statistical statement; 2x it
     assert abs(opt.F_star - ref.free_energy) < 2 * opt.F_star_err
     np.testing.assert_allclose(opt.cov[0, 1:], ref.m, atol=0.05 * np.max(np.abs(ref.m)) + 1e-3)
+    # finite-variance weights (k = |c*|^2/lam^2 < 1/2): healthy diagnostics, no warning
+    assert opt.info["pareto_k"] < 0.5 and not opt.info["ess_low"] and "mc_warning" not in opt.info
+
+
+def test_monte_carlo_optimum_warns_when_weights_have_infinite_variance():
+    # strong linear signal: |c*|^2 = 0.90 lam^2 > lam^2/2, the weights' tail index is ~0.9 (THEORY 6)
+    ds = teacher_student(n=30, d=2, activation="linear", teacher_scale=10.0, n_test=0, seed=1)
+    pr = _problem(ds.x, ds.y, activation="linear", lam=1.0, tau=0.1)
+    ref = reference.linear_gaussian_optimum(pr.x, pr.y, 1.0, 0.1)
+    assert np.linalg.norm(ref.c) ** 2 > 0.8
+    opt = solve_optimum(pr, method="mc", n_samples=2 ** 14, max_samples=2 ** 16)
+    assert opt.info["pareto_k"] > 0.7 and "infinite variance" in opt.info["mc_warning"]
 
 
 def test_linear_sampler_and_json_roundtrip():
