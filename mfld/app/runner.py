@@ -442,6 +442,10 @@ def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_f
                      f"checkpointed; {suggestion['why']}: rerun with --set dynamics.eta={suggestion['eta']:.3g} "
                      f"--overwrite")
     notes.extend(precision_notes(cfg.precision, metrics, np.asarray(state.a), np.asarray(state.w)))
+    if certify is not None:  # Monte Carlo certificates whose importance weights degenerated (THEORY 6)
+        from mfld.duality import mc_warnings
+
+        notes.extend(mc_warnings(metrics))
     if write:
         if metrics:
             rundir.write_metrics(out_dir / rundir.METRICS, metrics)
