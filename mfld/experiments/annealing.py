@@ -1,11 +1,15 @@
-"""``annealing``: tau_t = c / log(t + e) against fixed temperatures, on the unregularised
-risk R (Chizat 2022; THEORY section 3).
+"""``annealing``: tau_t = c / log(t + e) against fixed temperatures, on the entropy-free
+objective F_0 = R + (lam/2) E|theta|^2 and the unregularised risk R (Chizat 2022; THEORY 3).
 
-Task: teacher-student regression, d = 1 with bias, tanh, squared loss, a tiny weight decay.
-At a fixed tau the risk stalls at a tau-dependent plateau (the entropic optimum is not the
-unregularised minimiser); the annealed schedule (``Langevin(tau_schedule="log")``, c = the
-problem's tau) keeps lowering it. Compared: fixed tau = c, fixed tau = c / log(T + e) (the
-annealed run's final temperature, started cold) and the annealed run.
+Task: teacher-student regression with noiseless targets, d = 1 with bias, tanh, squared loss,
+lam = 1e-2 (so the a-direction relaxes in t ~ 1/lam = 100, well inside the run). At a fixed
+tau the particles settle at rho*_tau, whose entropic spread costs (lam/2) E|theta|^2 ~ D tau/2
+(equipartition, D = particle dimension): F_0 stalls at a tau-dependent plateau. The annealed
+schedule (``Langevin(tau_schedule="log")``, c = the problem's tau) lowers tau like 1/log t and
+F_0 keeps decreasing towards the fixed-tau plateau of its current temperature. Compared: fixed
+tau = c, an intermediate fixed tau, fixed tau = c / log(T + e) (the annealed run's final
+temperature, held from the start) and the annealed run. Records every 20 steps; curves and
+tables are averages over log-spaced time windows (single records fluctuate by O(N^-1/2)).
 """
 
 from __future__ import annotations
@@ -23,64 +27,122 @@ from mfld.problem import Problem
 NAME = "annealing"
 
 
+def _settings(quick: bool):
+    if quick:
+        return dict(n_part=300, steps=1000, every=50, windows=8, mid=False)
+    return dict(n_part=2000, steps=40000, every=20, windows=30, mid=True)
+
+
+def window_means(t, v, edges):
+    """(centre, mean) of v over the windows [edges[i], edges[i+1]) (empty windows skipped)."""
+    t, v = np.asarray(t), np.asarray(v)
+    out = []
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        sel = (t >= a) & (t < b)
+        if sel.any():
+            out.append((math.sqrt(a * b), float(v[sel].mean())))
+    return np.asarray(out).reshape(-1, 2)
+
+
 def run(out_dir, quick: bool = False) -> dict:
     out = C.out_path(out_dir)
     t_wall = time.perf_counter()
-    n_part, steps, every = (300, 1000, 50) if quick else (2000, 40000, 400)
-    eta, c, lam = 0.05, 0.05, 1e-4
+    cfg = _settings(quick)
+    n_part, steps, every = cfg["n_part"], cfg["steps"], cfg["every"]
+    eta, c, lam = 0.05, 0.05, 1e-2
     T_end = steps * eta
+    tau_cold = c / math.log(T_end + math.e)
     ds = data.teacher_student(n=32, d=1, teacher_width=3, noise=0.0, n_test=0, seed=1)
-    runs = {f"fixed tau = {c:g}": ("constant", c), f"fixed tau = {c / math.log(T_end + math.e):.3g}":
-            ("constant", c / math.log(T_end + math.e)), f"annealed tau_t = {c:g}/log(t+e)": ("log", c)}
-    curves = {k: [] for k in ("run", "t", "risk", "tau")}
-    rows = {k: [] for k in ("run", "final_risk", "min_risk", "final_tau")}
+    runs = {f"fixed tau = {c:g}": ("constant", c)}
+    if cfg["mid"]:
+        runs["fixed tau = 0.02"] = ("constant", 0.02)
+    runs[f"fixed tau = {tau_cold:.3g} (= c/log(T+e))"] = ("constant", tau_cold)
+    runs[f"annealed tau_t = {c:g}/log(t+e)"] = ("log", c)
+    curves = {k: [] for k in ("run", "t", "risk", "F0", "tau")}
+    rows = {k: [] for k in ("run", "final_tau", "final_F0", "final_F0_se", "final_risk", "min_window_F0",
+                            "equipartition_D_tau_over_2")}
+    edges = np.geomspace(every * eta, T_end * (1 + 1e-9), cfg["windows"] + 1)
+    D = None
     with jax.enable_x64(True):
         for name, (sched, tau) in runs.items():
             pb = Problem.create(ds.x, ds.y, activation="tanh", lam=lam, tau=tau, bias=True)
+            D = pb.p + 1
             st = dynamics.init_particles(pb, n_part, 0)
             stp = dynamics.Langevin(eta, tau_schedule=sched)
             _, h = dynamics.simulate(pb, st, stp, steps, record_every=every)
-            taus = [float(dynamics.temperature(pb, stp, t)) for t in h["t"]]
+            taus = np.asarray(dynamics.temperature(pb, stp, np.asarray(h["t"])), dtype=np.float64) * np.ones(len(h))
+            f0 = np.asarray(h["reg_risk"])
             for i in range(len(h)):
                 curves["run"].append(name)
                 curves["t"].append(h["t"][i])
                 curves["risk"].append(h["risk"][i])
-                curves["tau"].append(taus[i])
-            tail = h["risk"][-max(2, len(h) // 10):]
+                curves["F0"].append(f0[i])
+                curves["tau"].append(float(taus[i]))
+            tail = slice(len(h) - max(10, len(h) // 10), None)
+            ft = f0[tail]
+            blocks = np.array([b.mean() for b in np.array_split(ft, 5)])
+            wm = window_means(h["t"], f0, edges)
             rows["run"].append(name)
-            rows["final_risk"].append(float(np.mean(tail)))
-            rows["min_risk"].append(float(np.min(h["risk"])))
-            rows["final_tau"].append(taus[-1])
+            rows["final_tau"].append(float(taus[-1]))
+            rows["final_F0"].append(float(ft.mean()))
+            rows["final_F0_se"].append(float(blocks.std(ddof=1) / math.sqrt(5)))
+            rows["final_risk"].append(float(np.mean(np.asarray(h["risk"])[tail])))
+            rows["min_window_F0"].append(float(wm[:, 1].min()) if len(wm) else math.nan)
+            rows["equipartition_D_tau_over_2"].append(D * float(taus[-1]) / 2)
     C.write_csv(out / "annealing.csv", curves)
     C.write_csv(out / "final.csv", rows)
     plt = C.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     names = np.asarray(curves["run"])
+    tt = np.asarray(curves["t"])
     for j, name in enumerate(runs):
         sel = names == name
-        t = np.asarray(curves["t"])[sel]
-        axes[0].loglog(t[1:], np.asarray(curves["risk"])[sel][1:], color=f"C{j}", label=name)
-        axes[1].semilogx(t[1:], np.asarray(curves["tau"])[sel][1:], color=f"C{j}", label=name)
-    axes[0].set_xlabel("time t = step x eta")
-    axes[0].set_ylabel("unregularised training risk R")
-    axes[0].legend(fontsize=7)
-    axes[1].set_xlabel("time t = step x eta")
-    axes[1].set_ylabel("temperature tau_t")
-    axes[1].legend(fontsize=7)
+        col = "k" if name.startswith("annealed") else f"C{j}"
+        lw = 2.2 if name.startswith("annealed") else 1.4
+        for ax, key in ((axes[0], "F0"), (axes[1], "risk")):
+            wm = window_means(tt[sel], np.asarray(curves[key])[sel], edges)
+            ax.loglog(wm[:, 0], wm[:, 1], "-", color=col, lw=lw, label=name)
+        axes[2].semilogx(tt[sel], np.asarray(curves["tau"])[sel], "-", color=col, lw=lw, label=name)
+    axes[0].set_ylabel("F_0 = R + (lam/2) E|theta|^2  (entropy-free objective)")
+    axes[0].set_title("fixed tau stalls at a tau-dependent plateau; annealing keeps descending", fontsize=9)
+    axes[1].set_ylabel("unregularised training risk R (1/2 mean squared error)")
+    axes[1].set_title("the risk (lam = 1e-2 weight-decay bias dominates late)", fontsize=9)
+    axes[2].set_ylabel("temperature tau_t")
+    axes[2].set_title("schedules", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("time t = step x eta  (window averages, log scale)")
+        ax.legend(fontsize=7)
     C.savefig(fig, out / "annealing.png")
     wall = time.perf_counter() - t_wall
+    i_ann = len(rows["run"]) - 1
+    i_cold = i_ann - 1
+    z = (rows["final_F0"][i_ann] - rows["final_F0"][i_cold]) / math.hypot(rows["final_F0_se"][i_ann],
+                                                                          rows["final_F0_se"][i_cold])
     C.write_report(out / "report.md", "Annealing the temperature", [
-        ("Setting", f"Teacher-student, n = {len(ds.y)} noiseless targets, d = 1 with bias, tanh, lam = {lam:g}; "
-                    f"N = {n_part}, eta = {eta}, {steps} steps (t up to {T_end:g}). "
-                    f"{'Quick' if quick else 'Full'} setting; wall time {wall:.0f} s."),
-        ("Final risks (mean of the last tenth of the records)", C.md_table(rows)),
-        ("Reading", "What to look for: a fixed temperature stalls at a plateau set by tau; the annealed "
-                    "schedule lowers tau like 1/log t and its risk keeps decreasing (slowly, as the logarithmic "
-                    "schedule predicts); a cold fixed temperature that starts where annealing ends is the "
-                    "other reference. In this run the final risks are " + ", ".join(
-                        f"{r}: {v:.3g}" for r, v in zip(rows["run"], rows["final_risk"], strict=True)) + "."),
-        ("Files", "annealing.png, annealing.csv, final.csv"),
+        ("Setting", f"Teacher-student, n = {len(ds.y)} noiseless targets, d = 1 with bias (D = {D}), tanh, "
+                    f"squared loss, lam = {lam:g}; N = {n_part}, eta = {eta}, {steps} steps (t up to {T_end:g}), "
+                    f"records every {every} steps; c = {c:g}. {'Quick' if quick else 'Full'} setting; wall time "
+                    f"{wall:.0f} s."),
+        ("What is measured", "The entropy-free objective F_0 = R + (lam/2) E|theta|^2 (the objective annealing "
+                             "minimises) and the training risk R of the particles, averaged over log-spaced time "
+                             "windows; final values are means over the last tenth of the records with a "
+                             "batch-means SE (5 blocks)."),
+        ("Final values", C.md_table(rows)),
+        ("What the theory predicts", "At a fixed tau the dynamics converges to rho*_tau (THEORY 4), whose "
+                                     "entropic spread keeps F_0 above its minimum by roughly D tau/2 "
+                                     "(equipartition; column equipartition_D_tau_over_2): a plateau set by tau. "
+                                     "With tau_t = c/log t and c large enough, the annealed dynamics converges to "
+                                     "a minimiser of F_0 (Chizat 2022), slowly (logarithmic schedule). Not "
+                                     "predicted: the rate at these finite times, whether this c meets the "
+                                     "theorem's landscape-dependent condition (not checked), and any advantage "
+                                     "over simply running cold: on this benign task a fixed temperature equal "
+                                     "to the annealed run's final one reaches a similar F_0 (the annealed run "
+                                     "lags it, being not quite quasi-static)."),
+        ("Reading", "Final F_0: " + ", ".join(f"{r}: {v:.4g}" for r, v in zip(rows["run"], rows["final_F0"],
+                                                                            strict=True))
+                    + f". The annealed run ends {z:+.1f} SE from the cold fixed temperature it anneals to."),
+        ("Files", "annealing.png, annealing.csv (every record), final.csv"),
     ])
-    summary = {"name": NAME, "quick": quick, "wall_s": wall, "final": rows}
+    summary = {"name": NAME, "quick": quick, "wall_s": wall, "final": rows, "z_annealed_vs_cold": z}
     C.write_json(out / "summary.json", summary)
     return summary

@@ -40,10 +40,15 @@ def _inits(pb, n, seed):
     return out
 
 
+def _risk(pb, s):
+    return {"risk": network.risk(pb, network.predict(pb, s.a, s.w))}
+
+
 def run(out_dir, quick: bool = False) -> dict:
     out = C.out_path(out_dir)
     t_wall = time.perf_counter()
     n_part, steps, every = (400, 600, 60) if quick else (2000, 6000, 200)
+    early = 10  # certify every `early` steps while the gap is still falling (t <= every x eta)
     eta = 0.05
     ds = data.teacher_student(n=24, d=1, teacher_width=3, noise=0.05, n_test=0, seed=3)
     with jax.enable_x64(True):
@@ -59,6 +64,8 @@ def run(out_dir, quick: bool = False) -> dict:
             tr = {"t": [], "dual_lower": [], "primal_upper": [], "risk": []}
 
             def cb(s, row, tr=tr):
+                if row["step"] > every and row["step"] % every:
+                    return False
                 c = duality.certify(pb, s.a, s.w)
                 tr["t"].append(row["t"])
                 tr["dual_lower"].append(c["dual_lower"])
@@ -66,7 +73,8 @@ def run(out_dir, quick: bool = False) -> dict:
                 tr["risk"].append(row["risk"])
                 return False
 
-            st, _ = dynamics.simulate(pb, st, dynamics.Langevin(eta), steps, record_every=every, callback=cb)
+            st, _ = dynamics.simulate(pb, st, dynamics.Langevin(eta), steps, record_every=early, callback=cb,
+                                      recorder=_risk)
             d = np.asarray(tr["dual_lower"])
             tail = d[-max(2, len(d) // 4):]
             f = np.asarray(network.predict(pb, st.a, st.w))
@@ -89,11 +97,12 @@ def run(out_dir, quick: bool = False) -> dict:
         sel = ci == name
         t = np.asarray(curves["t"])[sel]
         g = opt.F_star - np.asarray(curves["dual_lower"])[sel]
-        axes[0].semilogy(t[g > 0], g[g > 0], "-", color=f"C{j}", label=name)
-    axes[0].axhline(max(opt.F_star_err, 1e-12), color="k", ls=":", label="optimum solver's error on F*")
-    axes[0].set_xlabel("time t = step x eta")
+        ok = (g > 0) & (t > 0)
+        axes[0].loglog(t[ok], g[ok], ".-", ms=3, lw=1, color=f"C{j}", label=name)
+    axes[0].set_xlabel("time t = step x eta (log scale; first record at t = %g)" % (early * eta))
     axes[0].set_ylabel("F* - D(u_t)  (certified, units of the loss)")
-    axes[0].set_title(f"all initialisations reach F* = {opt.F_star:.5g} (N = {n_part})", fontsize=9)
+    axes[0].set_title(f"all initialisations reach F* = {opt.F_star:.6g} (error {opt.F_star_err:.1g}); N = {n_part}, "
+                      "same noise for all starts", fontsize=8)
     axes[0].legend(fontsize=7)
     xr = np.asarray(ds.x)[:, 0]
     order = np.argsort(xr)
@@ -109,12 +118,21 @@ def run(out_dir, quick: bool = False) -> dict:
     spread = float(np.max(rows["dual_lower_final"]) - np.min(rows["dual_lower_final"]))
     C.write_report(out / "report.md", "Global optimality: different initialisations, one F*", [
         ("Setting", f"Teacher-student, n = {len(ds.y)}, d = 1 with bias, tanh, squared loss, lam = 0.2, tau = 0.05; "
-                    f"N = {n_part} particles, eta = {eta}, {steps} steps; certificates every {every} steps "
-                    f"(quadrature, certified). Optimum solver: F* = {opt.F_star:.8g} +- {opt.F_star_err:.2g} "
+                    f"N = {n_part} particles, eta = {eta}, {steps} steps; certificates every {early} steps up "
+                    f"to step {every}, then every {every} steps (quadrature, certified). All five starts use "
+                    "the same Brownian noise (a synchronous coupling), so their fluctuations at the floor move "
+                    "together. Optimum solver: F* = {opt.F_star:.8g} +- {opt.F_star_err:.2g} "
                     f"({opt.method}). {'Quick' if quick else 'Full'} setting; wall time {wall:.0f} s."),
         ("Final state per initialisation", "F* - D is averaged over the last quarter of the records (sd over "
          "those records); D <= F* <= primal bound always holds, the point is that F* - D is small for every "
          "start:\n\n" + C.md_table(rows)),
+        ("What the theory predicts", "F is strictly convex in rho, so it has one minimiser rho* and every "
+                                     "initialisation of the mean-field dynamics converges to it (THEORY 2, 4); "
+                                     "with N particles and step eta, F* - D(u(rho_N)) settles at a floor of "
+                                     "order 1/N + eta^2 (THEORY 3), the same for every start. Not predicted: "
+                                     "how long each start takes (the LSI bound of section 5 is far from sharp), "
+                                     "nor that the particles' own F is near F* (it is not even finite for an "
+                                     "empirical measure; the dual bound needs no entropy)."),
         ("Reading", f"The final certified dual bounds of the five starts agree to {spread:.2g}; each start's "
                     "F* - D(u) falls to the same floor, which is the O(1/N) particle error plus the O(eta^2) "
                     "time-step bias, not a different optimum."),
