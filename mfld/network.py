@@ -6,11 +6,19 @@ The layout is particle-major: pre-activations are ``w @ x.T`` of shape ``(N, m)`
 
 The drift is *analytic*: two GEMMs (forward ``w x^T`` and the w-gradient
 ``(sigma' * u) x``), the activation and its derivative computed together, no ``(m, N, p)``
-intermediate. Large problems are blocked over particles and data (:func:`plan_chunks`)
-so that the temporaries stay within a memory budget and a block's activations stay in
-cache (a blocked evaluation recomputes ``w x^T`` once more: three GEMMs, but no (N, n)
-array is stored). Autodiff of :func:`finite_loss` is the test oracle, and
-:func:`autodiff_drift` is the drift computed that way.
+intermediate. Large problems are blocked (:func:`plan_chunks`) so that the temporaries stay
+within a memory budget and a block's activations stay in cache. Two blocked evaluations:
+
+- *data blocks* (all particles x ``b`` data rows): the block's outputs f_j are complete, so
+  its residual weights u_j and its share of the backward GEMM follow at once -- still two
+  GEMMs, nothing of size (N, n) stored; used when p is large enough that a GEMM costs more
+  than the accumulation of the (N, p) gradient over blocks;
+- *particle blocks* (``c`` particles x all rows): f needs every particle, so the backward
+  pass recomputes ``w x^T`` blockwise -- three GEMMs, cheap when p is small (the elementwise
+  work, not the GEMM, is the cost there, and it stays in cache).
+
+Autodiff of :func:`finite_loss` is the test oracle, and :func:`autodiff_drift` is the drift
+computed that way.
 
 Mean-field scaling: f = (1/N) sum_i phi(theta_i; x) and the drift of particle i is
 grad V_rho(theta_i) = N * dL/dtheta_i, with L the finite-N loss
@@ -72,7 +80,8 @@ def predict(problem: Problem, a, w, x=None, *, n_particles=None, memory_budget: 
     :func:`interaction` when N x m is large."""
     x = problem.x if x is None else x
     n_particles = a.shape[0] if n_particles is None else n_particles
-    plan = plan_chunks(w.shape[0], x.shape[0], x.dtype.itemsize, memory_budget=memory_budget)
+    plan = plan_chunks(w.shape[0], x.shape[0], x.dtype.itemsize, n_features=x.shape[1],
+                       memory_budget=memory_budget)
     a_eff = output_weight(problem, a)
     if plan.particles >= w.shape[0] and plan.data >= x.shape[0]:
         fsum = a_eff @ problem.activation.fn(w @ x.T)
@@ -84,10 +93,18 @@ def predict(problem: Problem, a, w, x=None, *, n_particles=None, memory_budget: 
 # ---------------------------------------------------------------------------- chunking
 #: Default budget (bytes) for the temporaries of one drift evaluation (see :func:`plan_chunks`).
 DEFAULT_MEMORY_BUDGET = 1 << 30
-#: Target number of (particle, data) pairs per block: big enough that the GEMMs run near
-#: peak, small enough that a block's activations stay in the last-level cache slice of a
-#: core. Measured on a 2-core AVX-512 machine (benchmarks/README.md).
-BLOCK_TARGET = 1 << 22
+#: Target number of (particle, data) pairs per block (1 MiB per float32 temporary): a block's
+#: activations stay in a core's L2 cache. Measured on a 2-core AVX-512 machine
+#: (benchmarks/README.md): 2^18 was 1.3-1.8x faster than 2^20-2^22 for p <= 26.
+BLOCK_TARGET = 1 << 18
+#: Data rows per block of the two-GEMM data-blocked evaluation (64 beat 32, 128, 256, 1024).
+DATA_BLOCK = 64
+#: Smallest p (features incl. bias) for which data blocks (two GEMMs) are used rather than
+#: particle blocks (three GEMMs): measured crossover between p = 26 and p = 51.
+DATA_BLOCK_MIN_FEATURES = 33
+#: Largest (N, p) gradient accumulator (bytes) for data blocks: it is read and written once per
+#: data block, which pays only while it stays in cache.
+DATA_BLOCK_MAX_ACCUMULATOR = 32 << 20
 #: Temporaries of shape (block particles, block data) alive at once inside a block:
 #: pre-activations/sigma, sigma' * u (and the GEMM's output).
 _BLOCK_BUFFERS = 3
@@ -95,7 +112,9 @@ _BLOCK_BUFFERS = 3
 
 class ChunkPlan(NamedTuple):
     """How a drift evaluation is blocked: ``particles`` per particle chunk and ``data`` rows
-    per data chunk. One block holds ``particles x data`` pre-activations."""
+    per data chunk. One block holds ``particles x data`` pre-activations. ``particles >= N``
+    (one particle chunk) with ``data < n`` is the two-GEMM data-blocked evaluation; several
+    particle chunks recompute the forward GEMM in the backward pass."""
 
     particles: int
     data: int
@@ -104,7 +123,7 @@ class ChunkPlan(NamedTuple):
         return -(-n_particles // self.particles), -(-n_data // self.data)
 
 
-def plan_chunks(n_particles: int, n_data: int, itemsize: int = 4, *,
+def plan_chunks(n_particles: int, n_data: int, itemsize: int = 4, *, n_features: int | None = None,
                 memory_budget: int | None = None, block_target: int | None = None) -> ChunkPlan:
     """Choose the blocking of a drift evaluation over (particles, data).
 
@@ -113,13 +132,21 @@ def plan_chunks(n_particles: int, n_data: int, itemsize: int = 4, *,
 
         temporaries = 3 * c * b * itemsize            (sigma, sigma' u, GEMM output)
 
-    ``c * b`` is the largest of ``min(N n, block_target)`` that keeps the temporaries within
-    ``memory_budget``; the data axis is split only when even 8 particles times all ``n``
-    rows exceed the budget. The whole step adds the particle arrays and the data::
+    Rules (``n_features`` = p, the width of x; unknown p means "small"):
 
-        step total ~= 6 * N * D * itemsize + 2 * n * p * itemsize + temporaries
+    1. ``N n <= min(block_target, budget / (3 s))``: one block (two GEMMs, sigma reused);
+    2. ``p >= DATA_BLOCK_MIN_FEATURES``, ``N p s <= DATA_BLOCK_MAX_ACCUMULATOR`` and
+       ``3 N DATA_BLOCK s <= budget``: data blocks of ``DATA_BLOCK`` rows with all particles
+       (two GEMMs);
+    3. otherwise particle blocks (three GEMMs): ``c * b`` is the largest of
+       ``min(N n, block_target)`` within the budget; the data axis is split only when even
+       8 particles times all ``n`` rows exceed the budget.
 
-    (state in and out, the drift, the noise draw and padding copies; see docs/performance.md).
+    The whole step adds the particle arrays and the data::
+
+        step total ~= 5 * N * D * itemsize + n * p * itemsize + temporaries
+
+    (state in and out, the drift, the noise draw and a padding copy; see docs/performance.md).
     Block sizes are balanced so the padding is less than one row per block.
     """
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
@@ -129,6 +156,10 @@ def plan_chunks(n_particles: int, n_data: int, itemsize: int = 4, *,
     n_particles, n_data = int(n_particles), int(n_data)
     if n_particles * n_data <= pairs:
         return ChunkPlan(n_particles, n_data)
+    if (n_features is not None and n_features >= DATA_BLOCK_MIN_FEATURES and n_data > DATA_BLOCK
+            and n_particles * n_features * itemsize <= DATA_BLOCK_MAX_ACCUMULATOR
+            and n_particles * DATA_BLOCK <= max_pairs):
+        return ChunkPlan(n_particles, _balanced(n_data, DATA_BLOCK))
     min_c = min(8, n_particles)
     if min_c * n_data <= max_pairs:
         b = n_data
@@ -154,7 +185,15 @@ def _pad_rows(v, rows):
     return jnp.pad(v, [(0, extra)] + [(0, 0)] * (v.ndim - 1))
 
 
-def _forward_sum(act, a_eff, w, x, plan: ChunkPlan):
+def _varying(tree, axis_name):
+    """Mark zero-initialised loop carries as per-device inside ``shard_map`` (the sums they
+    accumulate depend on the device's particles)."""
+    if axis_name is None:
+        return tree
+    return jax.tree.map(lambda v: jax.lax.pcast(v, axis_name, to="varying"), tree)
+
+
+def _forward_sum(act, a_eff, w, x, plan: ChunkPlan, axis_name=None):
     """F_j = sum_i a_eff_i sigma(w_i . x_j) over all particles, blocked (no scale)."""
     N, m = w.shape[0], x.shape[0]
     nc, nb = plan.n_blocks(N, m)
@@ -167,7 +206,7 @@ def _forward_sum(act, a_eff, w, x, plan: ChunkPlan):
             ai, wi = blk
             return acc + ai @ act.fn(wi @ xj.T), None
 
-        return jax.lax.scan(body, jnp.zeros(xj.shape[0], x.dtype), (ac, wc))[0]
+        return jax.lax.scan(body, _varying(jnp.zeros(xj.shape[0], x.dtype), axis_name), (ac, wc))[0]
 
     if nb == 1:
         return over_particles(x)
@@ -175,7 +214,7 @@ def _forward_sum(act, a_eff, w, x, plan: ChunkPlan):
     return jax.lax.map(over_particles, xb).reshape(-1)[:m]
 
 
-def _backward_sums(act, w, x, u, plan: ChunkPlan):
+def _backward_sums(act, w, x, u, plan: ChunkPlan, axis_name=None):
     """G_i = sum_j u_j sigma(w_i.x_j) and H_i = sum_j u_j sigma'(w_i.x_j) x_j, blocked."""
     N, m = w.shape[0], x.shape[0]
     nc, nb = plan.n_blocks(N, m)
@@ -197,11 +236,38 @@ def _backward_sums(act, w, x, u, plan: ChunkPlan):
             g, h = block(wi, *blk)
             return (acc[0] + g, acc[1] + h), None
 
-        init = (jnp.zeros(wi.shape[0], x.dtype), jnp.zeros(wi.shape, x.dtype))
+        init = _varying((jnp.zeros(wi.shape[0], x.dtype), jnp.zeros(wi.shape, x.dtype)), axis_name)
         return jax.lax.scan(body, init, (xb, ub))[0]
 
     g, h = jax.lax.map(per_chunk, wc)
     return g.reshape(-1)[:N], h.reshape(nc * c, -1)[:N]
+
+
+def _data_blocked(problem, a_eff, w, x, y, scale, plan: ChunkPlan, axis_name):
+    """Two-GEMM evaluation over data blocks of ``plan.data`` rows with all particles: each
+    block's outputs f_j are complete, so u_j and the block's backward GEMM follow at once.
+    Returns (f, u, G, H) with G_i = sum_j u_j sigma_ij and H_i = sum_j u_j sigma'_ij x_j."""
+    act = problem.activation
+    N, m = w.shape[0], x.shape[0]
+    b = plan.data
+    nb = -(-m // b)
+    xb = _pad_rows(x, nb * b).reshape(nb, b, -1)
+    yb = _pad_rows(y, nb * b).reshape(nb, b)
+    real = (jnp.arange(nb * b) < m).reshape(nb, b)  # padded rows get u = 0: no contribution
+
+    def body(acc, blk):
+        xj, yj, rj = blk
+        s, ds = act.value_and_derivative(w @ xj.T)  # (N, b)
+        fsum = a_eff @ s
+        if axis_name is not None:
+            fsum = jax.lax.psum(fsum, axis_name)
+        f = scale * fsum
+        u = jnp.where(rj, problem.loss.derivative(f, yj), 0.0)
+        return (acc[0] + s @ u, acc[1] + (ds * u[None, :]) @ xj), (f, u)
+
+    init = _varying((jnp.zeros(N, x.dtype), jnp.zeros(w.shape, x.dtype)), axis_name)
+    (gsum, hsum), (f, u) = jax.lax.scan(body, init, (xb, yb, real))
+    return f.reshape(-1)[:m], u.reshape(-1)[:m], gsum, hsum
 
 
 def interaction(problem: Problem, a, w, x=None, y=None, *, n_particles=None, active=None,
@@ -213,8 +279,9 @@ def interaction(problem: Problem, a, w, x=None, y=None, *, n_particles=None, act
     ``active``: optional (N,) mask; inactive (padding) particles contribute nothing to f
     and get zero drift from the interaction. ``plan``/``memory_budget``: blocking over
     particles and data (default :func:`plan_chunks` of the shapes); one block computes
-    sigma once -- a single block reuses the forward activations for the backward pass, several
-    blocks recompute them blockwise so no (N, n) array is ever stored. ``axis_name``: when the
+    sigma once -- a single block reuses the forward activations for the backward pass, data
+    blocks (all particles) complete f blockwise (two GEMMs), particle blocks recompute the
+    forward GEMM blockwise; no (N, n) array is stored when blocked. ``axis_name``: when the
     particles are sharded (inside ``shard_map``), the per-device partial sums of f are
     ``psum``-ed over this axis.
 
@@ -230,7 +297,8 @@ def interaction(problem: Problem, a, w, x=None, y=None, *, n_particles=None, act
     if active is not None:
         a_eff = jnp.where(active, a_eff, 0.0)
     if plan is None:
-        plan = plan_chunks(w.shape[0], m, x.dtype.itemsize, memory_budget=memory_budget)
+        plan = plan_chunks(w.shape[0], m, x.dtype.itemsize, n_features=x.shape[1],
+                           memory_budget=memory_budget)
     if plan.particles >= w.shape[0] and plan.data >= m:
         # one block: sigma and sigma' together, the forward activations reused backwards
         s, ds = act.value_and_derivative(w @ x.T)  # (N, m) each
@@ -240,13 +308,15 @@ def interaction(problem: Problem, a, w, x=None, y=None, *, n_particles=None, act
         f = scale * fsum
         u = problem.loss.derivative(f, y)
         gsum, hsum = s @ u, (ds * u[None, :]) @ x
-    else:
-        fsum = _forward_sum(act, a_eff, w, x, plan)
+    elif plan.particles >= w.shape[0]:  # data blocks: two GEMMs, f complete per block
+        f, u, gsum, hsum = _data_blocked(problem, a_eff, w, x, y, scale, plan, axis_name)
+    else:  # particle blocks: the backward pass recomputes w x^T blockwise
+        fsum = _forward_sum(act, a_eff, w, x, plan, axis_name)
         if axis_name is not None:
             fsum = jax.lax.psum(fsum, axis_name)
         f = scale * fsum
         u = problem.loss.derivative(f, y)
-        gsum, hsum = _backward_sums(act, w, x, u, plan)
+        gsum, hsum = _backward_sums(act, w, x, u, plan, axis_name)
     g = gsum / m
     # Under mean-field scaling N dL/dtheta cancels the 1/N; under NTK 1/sqrt(N) remains.
     c = 1.0 if problem.scaling == "mean_field" else scale

@@ -37,7 +37,9 @@ def _particles(problem, n_part=53, seed=1):
     return st.a, st.w
 
 
-# Plans: several particle chunks (53 = 4 * 14 - 3: padded), several data chunks (37 = 3 * 13 - 2).
+# Plans: several particle chunks (53 = 4 * 14 - 3: padded), several data chunks (37 = 3 * 13 - 2);
+# c53-b13 is the two-GEMM data-blocked path (all particles, data blocks), the others with c < 53
+# the recomputing particle-blocked path.
 PLANS = [network.ChunkPlan(14, 37), network.ChunkPlan(53, 13), network.ChunkPlan(14, 13), network.ChunkPlan(1, 1)]
 
 
@@ -67,11 +69,13 @@ def test_analytic_and_autodiff_paths_agree(output, scaling):
     a, w = _particles(problem)
     ga, gw, _ = network.potential_gradient(problem, a, w)
     ga_b, gw_b, _ = network.potential_gradient(problem, a, w, plan=network.ChunkPlan(10, 11))
+    ga_d, gw_d, _ = network.potential_gradient(problem, a, w, plan=network.ChunkPlan(53, 11))
     ga_ad, gw_ad = network.autodiff_drift(problem, a, w)
     user = problem.replace(activation=activations.from_callable(lambda z: jnp.tanh(z), name="mytanh"))
     assert not user.activation.analytic
     ga_u, gw_u, _ = network.potential_gradient(user, a, w, plan=network.ChunkPlan(10, 11))
-    for g_a, g_w in [(ga_b, gw_b), (ga_ad, gw_ad), (ga_u, gw_u)]:
+    ga_ud, gw_ud, _ = network.potential_gradient(user, a, w, plan=network.ChunkPlan(53, 11))
+    for g_a, g_w in [(ga_b, gw_b), (ga_d, gw_d), (ga_ad, gw_ad), (ga_u, gw_u), (ga_ud, gw_ud)]:
         np.testing.assert_allclose(g_a, ga, rtol=1e-11, atol=1e-13)
         np.testing.assert_allclose(g_w, gw, rtol=1e-11, atol=1e-13)
 
@@ -99,6 +103,25 @@ def test_plan_respects_budget_and_covers_the_problem():
     # a huge data set forces data blocks; a small problem is one block
     assert network.plan_chunks(1000, 10 ** 7, 4, memory_budget=1 << 20).data < 10 ** 7
     assert network.plan_chunks(1024, 256, 4) == network.ChunkPlan(1024, 256)
+
+
+def test_plan_chooses_two_gemm_data_blocks_only_where_they_pay():
+    """The documented rules of plan_chunks: wide features (p >= 33) with a cache-sized (N, p)
+    accumulator get data blocks of all particles (two GEMMs); thin features, or an accumulator
+    too large to stay in cache, get cache-sized particle blocks (three GEMMs)."""
+    P = network.ChunkPlan
+    assert network.plan_chunks(16384, 4096, 4, n_features=101) == P(16384, 64)
+    assert network.plan_chunks(4096, 1024, 4, n_features=51) == P(4096, 64)
+    # thin features: particle blocks of ~BLOCK_TARGET pairs with all data rows
+    c, b = network.plan_chunks(100000, 512, 4, n_features=3)
+    assert b == 512 and c * b <= network.BLOCK_TARGET + b and c < 100000
+    c, b = network.plan_chunks(4096, 1024, 4, n_features=26)
+    assert c < 4096 and b == 1024
+    # N = 1e6, p = 101: a 400 MB accumulator would be streamed once per data block
+    c, b = network.plan_chunks(10 ** 6, 10 ** 4, 4, n_features=101)
+    assert c < 10 ** 6 and 3 * c * b * 4 <= network.DEFAULT_MEMORY_BUDGET
+    # a budget too small for N x 64 temporaries falls back to particle blocks
+    assert network.plan_chunks(16384, 4096, 4, n_features=101, memory_budget=3 * 4 * 16384 * 32).particles < 16384
 
 
 def test_step_compiles_once_for_new_hyperparameters():
@@ -163,7 +186,8 @@ def test_padding_mask_keeps_real_particles_exact():
 def test_one_big_step_fits_the_memory_budget_by_compilation():
     """N = 1e6, n = 1e4, d = 100 (float32): XLA's own accounting of the compiled step
     (arguments + outputs + temporaries, no execution) is below 8 GB and matches the
-    documented formula 7 N D s + n p s + 3 c b s within 10 %."""
+    documented formula 5 N D s + n p s + 3 c b s within 10 % (the fused noise draw keeps no
+    hash state; JAX's own draw kept two more N x D arrays: 7 N D s before)."""
     S = jax.ShapeDtypeStruct
     N, n, d = 10 ** 6, 10 ** 4, 100
     with jax.enable_x64(False):
@@ -173,8 +197,8 @@ def test_one_big_step_fits_the_memory_budget_by_compilation():
                            jax.random.key(0))
         stats = jax.jit(step).lower(problem, st, Langevin(0.1)).compile().memory_analysis()
     total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-    plan = network.plan_chunks(N, n, 4)
-    formula = 7 * N * (d + 2) * 4 + n * (d + 1) * 4 + 3 * plan.particles * plan.data * 4
+    plan = network.plan_chunks(N, n, 4, n_features=d + 1)
+    formula = 5 * N * (d + 2) * 4 + n * (d + 1) * 4 + 3 * plan.particles * plan.data * 4
     assert total < 8e9
     assert abs(total - formula) < 0.1 * formula, (total, formula)
 
@@ -207,11 +231,19 @@ def test_one_big_step_peak_rss_below_8gb():
     assert res["finite"] and res["maxrss_gb"] < 8.0, res
 
 
-def test_dynamics_module_keeps_noise_convention():
-    """step_noise is row i of normal(fold_in(fold_in(key, k), 0), (N, D)) and row i does
-    not depend on the number of rows (so padding and sharding leave it unchanged)."""
-    key = jax.random.key(3)
-    kk = jax.random.fold_in(key, 7)
-    xi = dynamics.step_noise(kk, 10, 4, jnp.float64)
-    np.testing.assert_array_equal(xi, jax.random.normal(jax.random.fold_in(kk, 0), (10, 4), jnp.float64))
-    np.testing.assert_array_equal(dynamics.step_noise(kk, 23, 4, jnp.float64)[:10], xi)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dynamics_module_keeps_noise_convention(dtype):
+    """step_noise is row i of normal(fold_in(fold_in(key, k), 0), (N, D)) bit for bit (the
+    unrolled threefry of dynamics.threefry_normal equals jax.random's, jitted or not, in both
+    precisions), and row i does not depend on the number of rows (so padding and sharding
+    leave it unchanged)."""
+    dt = jnp.dtype(dtype)
+    with jax.enable_x64(dtype == "float64"):
+        key = jax.random.key(3)
+        kk = jax.random.fold_in(key, 7)
+        xi = dynamics.step_noise(kk, 10, 4, dt)
+        np.testing.assert_array_equal(xi, jax.random.normal(jax.random.fold_in(kk, 0), (10, 4), dt))
+        np.testing.assert_array_equal(dynamics.step_noise(kk, 23, 4, dt)[:10], xi)
+        big = jax.jit(dynamics.step_noise, static_argnums=(1, 2, 3))(kk, 1001, 37, dt)
+        np.testing.assert_array_equal(big, jax.random.normal(jax.random.fold_in(kk, 0), (1001, 37), dt))
+        assert big.dtype == dt and abs(float(jnp.mean(big))) < 5 / np.sqrt(big.size)  # N(0, 1): 5 SE
