@@ -446,8 +446,9 @@ def mc_warnings(columns) -> list[str]:
             where = (f" (first at step {int(step[bad[0]])})" if step is not None and step.size == low.size
                      else "")
             min_ess = float(np.nanmin(ess[bad])) if ess is not None and ess.size == low.size else math.nan
+            n_rec = int(np.sum(np.isfinite(low)))
             out.append(f"Monte Carlo certificate: the effective sample size collapsed in {bad.size} of "
-                       f"{int(np.sum(np.isfinite(low)))} certified records{where}, down to {min_ess:.3g} (threshold max({ESS_MIN:g}, "
+                       f"{n_rec} certified records{where}, down to {min_ess:.3g} (threshold max({ESS_MIN:g}, "
                        f"{100 * ESS_MIN_FRACTION:g}% of the samples)); their dual_lower/primal_upper and 2 SE are "
                        "not reliable: raise record.certify_samples, or use quadrature (dim w <= 2) or the closed "
                        "form (linear activation)")
@@ -728,7 +729,8 @@ def certify(problem, a, w, *, method="auto", n_samples=65536, seed=0, optimum=No
     ``certified`` (1.0 for closed form / quadrature, 0.0 for Monte Carlo), ``ess`` (nan
     unless Monte Carlo), ``ess_low`` (1.0 when a Monte Carlo effective sample size fell below
     :func:`ess_threshold`, else 0.0), ``pareto_k`` (the weights' tail index k_hat, nan unless
-    Monte Carlo; above :data:`PARETO_K_MAX` the estimate is unreliable), ``dual_value``/``primal_value`` (the point values), ``bound_err``
+    Monte Carlo; above :data:`PARETO_K_MAX` the estimate is unreliable),
+    ``dual_value``/``primal_value`` (the point values), ``bound_err``
     (quadrature error or 2 SE on the dual), ``free_energy_est`` (R + lam/2 E|theta|^2 -
     tau H_kNN of the particles: an *estimate*), ``entropy_reliable`` (0.0 if the particle
     dimension exceeds 5), ``kl_gap_est`` (free_energy_est - D(u), an estimate of

@@ -352,7 +352,8 @@ def solve_optimum(problem, *, tol: float = 1e-6, method: str = "auto", n_samples
     (up to ``max_samples``); a warning-level note is put in ``info`` if the final error
     exceeds ``tol`` (``warning``) or, with Monte Carlo, if the importance weights at u*
     degenerate (``mc_warning``: ESS below :func:`mfld.duality.ess_threshold` or Pareto k_hat
-    above 0.7; ``info`` also has ``ess`` and ``pareto_k``). ``gtol``: max-norm of grad D at the maximiser. ``method`` as in
+    above 0.7; ``info`` also has ``ess`` and ``pareto_k``). ``gtol``: max-norm of grad D at the
+    maximiser. ``method`` as in
     :func:`mfld.duality.certify`. Refuses tau = 0 and NTK scaling.
     """
     spec = _spec(problem, plus_fraction)

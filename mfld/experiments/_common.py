@@ -97,6 +97,14 @@ def pyplot():
     return plt
 
 
+def no_minor_labels(ax):
+    """Drop the minor tick labels of log axes (matplotlib writes 2x10^0, 3x10^0, ... which overlap)."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def savefig(fig, path) -> Path:
     fig.tight_layout()
     tmp = str(path) + ".tmp.png"

@@ -101,8 +101,8 @@ def symmetric_init(pb, n_particles: int, seed: int = 0):
     w = rng.standard_normal((n_particles // 2, pb.p))
     dtype = pb.x.dtype
     _, key = dynamics.dynamics_keys(seed)
-    return dynamics.ParticleState(jnp.asarray(np.concatenate([a, -a]), dtype), jnp.asarray(np.concatenate([w, w]), dtype),
-                                  jnp.asarray(0, jnp.int32), key)
+    return dynamics.ParticleState(jnp.asarray(np.concatenate([a, -a]), dtype),
+                                  jnp.asarray(np.concatenate([w, w]), dtype), jnp.asarray(0, jnp.int32), key)
 
 
 @jax.jit
@@ -164,7 +164,8 @@ def run(out_dir, quick: bool = False) -> dict:
                         acc["test_risk"].append(0.5 * float(np.mean((f_te - y_test) ** 2)))
                         acc["sq_to_flow"].append(float(np.mean((f_te - flow[1]) ** 2)))
                     for k, v in (("activation", act), ("scaling", scaling), ("N", n_part),
-                                 ("distance", np.mean(acc["distance"])), ("kernel_change", np.mean(acc["kernel_change"])),
+                                 ("distance", np.mean(acc["distance"])),
+                                 ("kernel_change", np.mean(acc["kernel_change"])),
                                  ("train_risk", np.mean(acc["train_risk"])), ("test_risk", np.mean(acc["test_risk"])),
                                  ("dist_to_kernel_flow", float(np.sqrt(np.mean(acc["sq_to_flow"]))))):
                         rows[k].append(v)
@@ -217,8 +218,8 @@ def run(out_dir, quick: bool = False) -> dict:
                     f"d = 1 with bias, squared loss, lam = 1e-3, tau = 0 (noiseless, THEORY 8), {steps} steps of "
                     f"eta = {eta} (T = {T:g}) in both scalings (mean field: learning rate N eta on the raw "
                     "parameters; NTK: eta on the raw parameters). Symmetric initialisation (pairs (a, w), "
-                    f"(-a, w)), so f_0 = 0 at every width; every number is a mean over {len(seeds)} seed(s) (RMS for the "
-                    f"distance to the kernel flow). {'Quick' if quick else 'Full'} setting; wall time "
+                    f"(-a, w)), so f_0 = 0 at every width; every number is a mean over {len(seeds)} seed(s) "
+                    f"(RMS for the distance to the kernel flow). {'Quick' if quick else 'Full'} setting; wall time "
                     f"{wall:.0f} s."),
         ("What is measured", "For each width N: the RMS distance the neurons travel, the relative change of the "
                              "empirical NTK on the training inputs, train/test risks, and the RMS distance on "
