@@ -264,13 +264,15 @@ def main():
         sps = {k: 1 / v["median_s"] for k, v in r.items()}
         share = 4 * n * d * N / r["mfld"]["median_s"] / 1e9 / ceiling
         row = {"n": n, "d": d, "N": N, "steps_per_s": sps, "gemm_share": share,
-               "plan": list(network.plan_chunks(N, n, 4)), "raw": r}
+               "plan": list(network.plan_chunks(N, n, 4, n_features=d + 1)), "raw": r,
+               "load_avg": os.getloadavg()}
         results["grid"].append(row)
         tsp = sps.get("torch")
         t_s = f"{tsp:.1f}" if tsp else "-"
         t_r = f"{sps['mfld'] / tsp:.2f}" if tsp else "-"
         print(f"{n:>5} {d:>4} {N:>7} | {sps['mfld']:>8.1f} {sps['numpy']:>8.1f} {t_s:>8} | "
-              f"{sps['mfld'] / sps['numpy']:>7.2f} {t_r:>7} | {100 * share:>5.0f}%", flush=True)
+              f"{sps['mfld'] / sps['numpy']:>7.2f} {t_r:>7} | {100 * share:>5.0f}%   load {os.getloadavg()[0]:.1f}",
+              flush=True)
     if not ARGS.no_scaling:
         print("\nscaling with N (n = 256, d = 10): ms/step, ns per (particle x data) pair")
         for N in (10 ** 3, 10 ** 4, 10 ** 5, 10 ** 6):

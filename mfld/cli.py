@@ -76,8 +76,20 @@ def _set_x64(enabled: bool):
 @click.option("--resume", "resume", is_flag=True,
               help="Continue the run in --out (or: mfld run --resume RUN_DIR) from its checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(config, overrides, out, x64, overwrite, resume, quiet):
+@click.option("--devices", type=int, default=None, metavar="K",
+              help="Shard the particles over K devices (CPU: K simulated devices). Same seed, same run.")
+@click.option("--threads", type=int, default=None, metavar="T", help="CPU cores for this process (pinned).")
+@click.option("--coordinator", default=None, metavar="HOST:PORT",
+              help="Multi-process run: process 0's address ('auto': detect a SLURM/MPI cluster).")
+@click.option("--num-processes", type=int, default=None, metavar="P", help="Multi-process run: process count.")
+@click.option("--process-id", type=int, default=None, metavar="I", help="Multi-process run: this process (0..P-1).")
+def run(config, overrides, out, x64, overwrite, resume, quiet, devices, threads, coordinator, num_processes,
+        process_id):
     """Train on CONFIG (YAML; default: the embedded teacher-student problem)."""
+    if devices is not None or threads is not None:  # before JAX (and NumPy's BLAS) start
+        from mfld.sharding import configure_cpu
+
+        configure_cpu(threads=threads, devices=devices)
     from mfld import config as cfgmod
     from mfld.app import runner  # no JAX at import: config, data and run-directory checks first
 
@@ -97,14 +109,33 @@ def run(config, overrides, out, x64, overwrite, resume, quiet):
         dataset = runner.make_dataset(cfg)
     runner.check_data(cfg, dataset)
     _set_x64(cfg.precision == "float64")
+    writer = _join_processes(coordinator, num_processes, process_id)
+    if not writer:  # only process 0 writes; the others compute their share and read a resumed run
+        runner.run(cfg, out=out, resume=resume, progress=False, dataset=dataset, devices=devices, write=False,
+                   handle_signals=False)
+        return
     res = runner.run(cfg, out=out, overwrite=overwrite, resume=resume, progress=not quiet and cfg.record.progress,
-                     dataset=dataset)
+                     dataset=dataset, devices=devices)
     _print_summary(res)
     status = res.summary.get("status")
     if status == "diverged":
         sys.exit(EXIT_DIVERGED)
     if status == "interrupted":
         sys.exit(128 + int(res.summary.get("signal") or 2))
+
+
+def _join_processes(coordinator, num_processes, process_id) -> bool:
+    """``jax.distributed`` start-up for a multi-process run (before any JAX computation); returns
+    whether this process writes (process 0, or a single-process run)."""
+    if coordinator is None and num_processes is None and process_id is None:
+        return True
+    from mfld import sharding
+
+    if coordinator == "auto" and num_processes is None and process_id is None:
+        sharding.initialize()
+    else:
+        sharding.initialize(coordinator, num_processes, process_id)
+    return sharding.is_writer()
 
 
 def _print_summary(res):

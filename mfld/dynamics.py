@@ -225,28 +225,30 @@ def _threefry2x32(k1, k2, x0, x1):
 def threefry_normal(key, shape: tuple[int, int], dtype):
     """``jax.random.normal(key, shape, dtype)`` for a threefry key under
     ``jax_threefry_partitionable`` (2-D ``shape`` with fewer than 2^32 entries), bit for bit:
-    element (i, j) hashes the counter ``i * shape[1] + j``, the two output words are combined
-    (xor for 32-bit floats, concatenated for 64-bit), mapped to a uniform in (-1, 1) by the
-    mantissa trick and to a normal by ``sqrt(2) erfinv``, as ``jax.random`` does."""
+    element (i, j) hashes the counter ``i * shape[1] + j`` (generated flat, then reshaped), the
+    two output words are combined (xor for 32-bit floats, concatenated for 64-bit), mapped to a
+    uniform in (-1, 1) by the mantissa trick and to a normal by ``sqrt(2) erfinv``, as
+    ``jax.random`` does."""
     rows, cols = shape
     dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.float32, jnp.float64):  # other floats: JAX's own path
+        return jax.random.normal(key, shape, dtype)
     kd = jax.random.key_data(key)
-    i = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
-    j = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
-    b1, b2 = _threefry2x32(kd[0], kd[1], jnp.zeros(shape, jnp.uint32), i * np.uint32(cols) + j)
+    # Generated flat and reshaped (free, row-major): XLA CPU vectorises along the minor axis,
+    # and erfinv on a (1024, 12) array ran 8x slower per element than on the flat array.
+    counter = jax.lax.iota(jnp.uint32, rows * cols)
+    b1, b2 = _threefry2x32(kd[0], kd[1], jnp.zeros_like(counter), counter)
     if dtype == jnp.float64:
         bits = (b1.astype(jnp.uint64) << np.uint64(32)) | b2.astype(jnp.uint64)
         utype, nbits, nmant = jnp.uint64, 64, 52
-    elif dtype == jnp.float32:
+    else:
         bits, utype, nbits, nmant = b1 ^ b2, jnp.uint32, 32, 23
-    else:  # other floats: JAX's own path
-        return jax.random.normal(key, shape, dtype)
     one = np.array(1.0, dtype).view(np.dtype(utype))
     fbits = jax.lax.shift_right_logical(bits, utype(nbits - nmant)) | utype(one)
     floats = jax.lax.bitcast_convert_type(fbits, dtype) - np.array(1.0, dtype)
     lo = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
     u = jax.lax.max(lo, floats * (np.array(1.0, dtype) - lo) + lo)
-    return np.array(np.sqrt(2), dtype) * jax.lax.erf_inv(u)
+    return (np.array(np.sqrt(2), dtype) * jax.lax.erf_inv(u)).reshape(shape)
 
 
 def run_steps(problem: Problem, state: ParticleState, stepper: Langevin, n_steps: int):

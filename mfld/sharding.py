@@ -18,7 +18,8 @@ Multi-host: call :func:`initialize` (``jax.distributed.initialize``) in every pr
 before any other JAX call, then build the mesh over ``jax.devices()`` (all processes'
 devices). Every process computes the same initial state from the seed and contributes
 its own rows (``jax.make_array_from_callback``); only process 0 should write files
-(:func:`is_writer`).
+(:func:`is_writer`). :func:`simulate_local` is the variant for drivers (``mfld run --devices K``):
+callbacks and the final state are gathered single-device copies.
 
 Threads and simulated devices (CPU) must be set before JAX initialises its backend, see
 :func:`configure_cpu`.
@@ -304,3 +305,30 @@ def simulate(problem, state, stepper, n_steps: int, *, mesh=None, n_devices: int
     final, hist = dynamics.simulate(prob, sh.state, stepper, n_steps, recorder=rec, callback=cb,
                                     advance=advance, **kwargs)
     return jax.jit(partial(unpad, n_particles=n))(final), hist
+
+
+def local_state(state, n_particles: int | None = None):
+    """An ordinary single-device :class:`mfld.dynamics.ParticleState` holding the (real)
+    particles of a sharded state, gathered from every device and process (the same on every
+    process). Drivers use it to checkpoint, certify or plot."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mfld.dynamics import ParticleState
+
+    a, w = gather(state, n_particles)
+    key_data = np.asarray(jax.random.key_data(state.key))  # replicated
+    key = jax.random.wrap_key_data(jnp.asarray(key_data), impl=jax.random.key_impl(state.key))
+    return ParticleState(jnp.asarray(a), jnp.asarray(w), jnp.asarray(int(state.step), jnp.int32), key)
+
+
+def simulate_local(problem, state, stepper, n_steps: int, *, n_devices: int | None = None, mesh=None,
+                   callback=None, **kwargs):
+    """:func:`simulate` for drivers: the particles are sharded while stepping and recording,
+    but ``callback`` and the returned state see :func:`local_state` copies (gathered at each
+    record only). ``n_devices=None`` with several processes: all devices of all processes."""
+    cb = None if callback is None else (lambda s, row: callback(local_state(s), row))
+    final, hist = simulate(problem, state, stepper, n_steps, mesh=mesh, n_devices=n_devices, callback=cb,
+                           **kwargs)
+    return local_state(final), hist

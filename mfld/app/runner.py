@@ -192,7 +192,7 @@ def resolve_resume_config(out, config=None, overrides=None) -> cfgmod.Config:
 
 def run(config=None, *, overrides=None, x=None, y=None, x_test=None, y_test=None, out=None,
         overwrite: bool = False, resume: bool = False, progress: bool | None = None,
-        write: bool = True, handle_signals: bool = True, dataset=None) -> RunResult:
+        write: bool = True, handle_signals: bool = True, dataset=None, devices: int | None = None) -> RunResult:
     """Train a mean-field two-layer network by noisy gradient descent and record everything.
 
     Args:
@@ -207,6 +207,10 @@ def run(config=None, *, overrides=None, x=None, y=None, x_test=None, y_test=None
             next record with a checkpoint and summary status ``interrupted``.
         dataset: an already built :class:`mfld.data.Dataset` for this config (the CLI builds and
             checks it before importing JAX); default: built from the config (or ``x, y``).
+        devices: shard the particles over this many devices (:func:`mfld.sharding.simulate_local`;
+            CPU devices must be configured before JAX starts, see ``mfld run --devices``); with
+            several processes (``jax.distributed``) the mesh spans all their devices. The same
+            seed gives the same run for any device count up to float reassociation.
 
     Every user mistake (config, data, run directory) raises :class:`ConfigError` before
     anything is written. ``summary["status"]`` is ``completed``, ``diverged`` (non-finite
@@ -215,7 +219,8 @@ def run(config=None, *, overrides=None, x=None, y=None, x_test=None, y_test=None
     """
     cfg = resolve_resume_config(out, config, overrides) if resume else resolve_config(config, overrides)
     with precision_context(cfg.precision):
-        return _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, handle_signals, dataset)
+        return _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, handle_signals, dataset,
+                    devices)
 
 
 class _Signals:
@@ -262,7 +267,8 @@ def _is_finite_row(row) -> bool:
     return all(math.isfinite(row.get(k, 0.0)) for k in ("risk", "reg_risk", "grad_norm"))
 
 
-def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, handle_signals, dataset=None):
+def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, handle_signals, dataset=None,
+         devices=None):
     from mfld import dynamics
     from mfld.app.lock import RunLock
 
@@ -289,7 +295,7 @@ def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, han
     fingerprint = data_fingerprint(dataset)
     prior = None
     resumed_from = None
-    if write and resume:
+    if resume and out_dir is not None:  # (write=False: another process of a multi-process run reads too)
         env_old = _read_json(out_dir / rundir.ENV)
         if env_old.get("data_sha256") not in (None, fingerprint):
             raise ConfigError("the data differ from the stored run's (SHA-256 mismatch)", field="--resume",
@@ -321,6 +327,7 @@ def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, han
             rundir.atomic_write_text(out_dir / rundir.CONFIG, cfg.to_yaml())
             env = rundir.environment(cfg.seed, cfg.precision)
             env["data_sha256"] = fingerprint
+            env["particle_devices"] = _mesh_size(devices)
             if resume:
                 env_old = _read_json(out_dir / rundir.ENV)
                 if env_old:
@@ -333,7 +340,7 @@ def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, han
                 _save_arrays(out_dir / rundir.DATA, dataset)  # so that `mfld plot` can redraw
             signals = _Signals(handle_signals)
         return _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_from, out_dir,
-                                    write, progress, notes, signals, t_start)
+                                    write, progress, notes, signals, t_start, devices)
     finally:
         if signals is not None:
             signals.restore()
@@ -341,8 +348,17 @@ def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, han
             lock.release()
 
 
+def _mesh_size(devices) -> int:
+    """The number of devices the particles are sharded over (1: not sharded)."""
+    import jax
+
+    if jax.process_count() > 1:
+        return len(jax.devices())
+    return int(devices or 1)
+
+
 def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_from, out_dir, write,
-                         progress, notes, signals, t_start):
+                         progress, notes, signals, t_start, devices=None):
     import jax
     import jax.numpy as jnp
 
@@ -410,9 +426,16 @@ def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_f
     if resumed_from is not None and remaining == 0:
         notes.append(f"nothing to do: the run is already at step {int(state.step)} of {cfg.dynamics.steps}")
     try:
-        state, hist = dynamics.simulate(problem, state, stepper, remaining, record_every=rec.every,
-                                        chunk=cfg.dynamics.chunk, callback=callback, progress=show,
-                                        record_initial=prior is None, history=hist)
+        simulate = dynamics.simulate
+        if _mesh_size(devices) > 1:  # particles sharded; callbacks and the result see gathered copies
+            from functools import partial
+
+            from mfld import sharding
+
+            simulate = partial(sharding.simulate_local, n_devices=None if jax.process_count() > 1 else devices)
+        state, hist = simulate(problem, state, stepper, remaining, record_every=rec.every,
+                               chunk=cfg.dynamics.chunk, callback=callback, progress=show,
+                               record_initial=prior is None, history=hist)
     except BaseException as err:  # keep the run directory consistent: say what happened, then re-raise
         if write:
             interrupted = isinstance(err, KeyboardInterrupt)
