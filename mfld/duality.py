@@ -23,7 +23,10 @@ Integration over w (``method``):
   Gaussian, THEORY 7). Certified.
 - ``quadrature``: p = dim(w) <= 2. Tensor trapezoid rule on a box [-R, R]^p, whose radius
   comes from the bound on the weight (bounded sigma) or is grown until the log-integrand on
-  the boundary is 40 nats below its maximum; spacing h halved until the results at h and 2h
+  the boundary is 40 nats below its maximum (at most 8 growths by 1.5x; if the integrand is
+  still not negligible on the boundary -- e.g. a divergent Z(u) for an unbounded sigma with a
+  trained output layer -- the evaluation returns D = -inf, F = +inf, the trivial bounds, with
+  ``info["reason"]``); spacing h halved until the results at h and 2h
   agree (the rule converges spectrally for these smooth, Gaussian-decaying integrands, so the
   difference bounds the error of the finer one). The difference is reported as the quadrature
   error and subtracted from / added to the bounds. Certified.
@@ -610,28 +613,44 @@ class _Quadrature:
         B = _sigma_growth(spec, u)
         radius = s * math.sqrt(2.0 * ((B if B is not None else 0.0) + _MARGIN + 5.0))
         radius = s * math.ceil(radius / s)  # quantised, so that nearby u's share a cached grid
+        self.unresolved = None  # why the box could not be made to hold the integrand, if so
         if B is None:
-            radius = self._grow_radius(u, radius)
+            radius, self.unresolved = self._grow_radius(u, radius)
         self.radius = radius
         self.tol = tol
         self.max_levels = max_levels
 
-    def _grow_radius(self, u, radius):
+    def _grow_radius(self, u, radius, growths: int = 8):
+        """Grow the box radius by 1.5x (at most ``growths`` times) until the log weight on its
+        boundary is ``_MARGIN`` nats below its maximum. Returns (radius, None) on success,
+        else (radius, reason): the integrand is not negligible on the largest box, so the
+        integral cannot be certified (and diverges if it still grows towards the boundary)."""
         spec = self.spec
-        for _ in range(8):
+        for k in range(growths + 1):
             half = int(math.ceil(radius / self.h0))
             fine, _ = _grid_nodes(spec, half, self.h0)
             g = fine.matvec(spec, u) / spec.n
             comps, _, _ = _components(spec, g)
             lw = np.max([fine.logbase + c[1] for c in comps], axis=0)
             on_edge = np.max(np.abs(fine.w), axis=1) >= half * self.h0 - 1e-12
-            if np.max(lw[on_edge]) < np.max(lw) - _MARGIN:
-                return radius
-            radius *= 1.5
-        return radius  # the integral may diverge; the evaluation will show it
+            edge, top = float(np.max(lw[on_edge])), float(np.max(lw))
+            if edge < top - _MARGIN:
+                return radius, None
+            if k < growths:
+                radius *= 1.5
+        how = ("the log-integrand is largest on the boundary: the Gibbs integral Z(u) diverges (D = -inf)"
+               if edge >= top else
+               f"the log-integrand on the boundary is only {top - edge:.3g} nats below its maximum "
+               f"(< {_MARGIN:g})")
+        return radius, (f"quadrature box grown to radius {radius:.4g} (|w|_inf) and {how}; "
+                        "no certified value: D = -inf, F = +inf (the trivial bounds)")
 
     def evaluate(self, u, stats=False) -> Evaluation:
         spec = self.spec
+        if self.unresolved is not None:
+            ev = _infeasible(spec, u, "quadrature")
+            ev.info["reason"] = self.unresolved
+            return ev
         h = self.h0
         last = None
         for level in range(self.max_levels):
@@ -655,8 +674,12 @@ class _Quadrature:
         return last
 
     def fixed(self, u):
-        """A fixed node set (the accepted fine grid at u), for repeated evaluations."""
+        """A fixed node set (the accepted fine grid at u), for repeated evaluations. Raises
+        :class:`TheoryNotApplicable` if D(u) = -inf (no grid holds the integrand)."""
         ev = self.evaluate(u)
+        if "nodes_obj" not in ev.info:
+            raise TheoryNotApplicable("the Gibbs integral Z(u) is not finite at this u (D(u) = -inf): "
+                                      + ev.info.get("reason", "it diverges on the quadrature grid"))
         return ev.info["nodes_obj"], ev
 
 

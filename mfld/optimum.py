@@ -6,7 +6,10 @@ u* gives f* on the data (u*_j = l'(f*(x_j), y_j)) and rho* = rho_hat_{u*}.
 Solver: L-BFGS with a backtracking (Armijo) line search that halves the step whenever the
 trial point is infeasible (D = -inf: the Gibbs integral diverges, e.g. |c(u)| >= lam for the
 linear activation; THEORY 6 pitfalls), started from u = 0 (squared loss) or u = l'(0, y)
-(logistic). The logistic dual is box-constrained (-u_j y_j in [0, 1]); it is solved in the
+(logistic). The logistic start is halved towards 0 until D is finite (u = l'(0, y) can be
+infeasible, e.g. |c(u)| >= lam for the linear activation with a small lam; near u = 0 the
+Gibbs integral is a Gaussian one); if no feasible start is found the solver raises
+:class:`mfld.errors.TheoryNotApplicable`. The logistic dual is box-constrained (-u_j y_j in [0, 1]); it is solved in the
 unconstrained variables u_j = -y_j sigmoid(v_j). SciPy's L-BFGS-B is not used because its
 line search does not recover from infinite values.
 
@@ -32,7 +35,7 @@ from scipy.special import expit, logsumexp
 
 from mfld import duality
 from mfld.duality import _closed_form, _eval_nodes, _mc_nodes, _Quadrature, _spec
-from mfld.errors import ConfigError
+from mfld.errors import ConfigError, TheoryNotApplicable
 
 __all__ = ["Optimum", "solve_optimum", "maximise_dual"]
 
@@ -43,11 +46,14 @@ __all__ = ["Optimum", "solve_optimum", "maximise_dual"]
 
 
 def _lbfgs_min(fun, x0, *, gtol=1e-11, maxiter=5000, memory=20):
-    """Minimise ``fun(x) -> (f, g)``; infinite f marks infeasible points (step halved)."""
+    """Minimise ``fun(x) -> (f, g)``; infinite f marks infeasible points (step halved).
+    An infeasible starting point raises :class:`TheoryNotApplicable`."""
     x = np.array(x0, dtype=np.float64)
     fx, gx = fun(x)
     if not np.isfinite(fx):
-        raise FloatingPointError("the starting point of the dual maximisation is infeasible")
+        raise TheoryNotApplicable(
+            "the dual D(u) is -inf at the starting point of its maximisation (the Gibbs integral "
+            "Z(u) diverges there), so the optimum cannot be computed from it")
     S, Y = [], []
     it = 0
     nfev = 1
@@ -343,6 +349,23 @@ def _moments_nodes(spec, nodes, u):
 # ---------------------------------------------------------------------------------------
 
 
+def _feasible_start(spec, method, n_samples, seed, halvings: int = 40):
+    """u = 0 (squared loss: Z(0) is a Gaussian integral, always finite) or the largest of
+    u = -2^-k y / 2, k = 0..halvings, with D(u) finite (logistic: u = l'(0, y) = -y/2 can be
+    infeasible). Raises :class:`TheoryNotApplicable` when none is."""
+    if spec.loss == "squared":
+        return np.zeros(spec.n)
+    scale = 0.5
+    for _ in range(halvings + 1):
+        u0 = -scale * spec.y
+        if np.isfinite(duality._evaluate_spec(spec, u0, method, n_samples, seed).D):
+            return u0
+        scale *= 0.5
+    raise TheoryNotApplicable(
+        f"the dual D(u) is -inf at u = -s y for every s down to {2 * scale:.3g} (the Gibbs integral "
+        "diverges): no feasible starting point for the dual maximisation")
+
+
 def solve_optimum(problem, *, tol: float = 1e-6, method: str = "auto", n_samples: int = 65536,
                   max_samples: int = 2 ** 20, seed: int = 0, plus_fraction: float = 0.5,
                   gtol: float = 1e-11, maxiter: int = 5000) -> Optimum:
@@ -358,7 +381,7 @@ def solve_optimum(problem, *, tol: float = 1e-6, method: str = "auto", n_samples
     """
     spec = _spec(problem, plus_fraction)
     m = duality._choose_method(spec, method)
-    u0 = np.zeros(spec.n) if spec.loss == "squared" else -0.5 * spec.y
+    u0 = _feasible_start(spec, m, n_samples, seed)
     info: dict = {"method": m}
     if m == "closed_form":
         u, ev, sinfo = maximise_dual(spec, lambda v: _closed_form(spec, v), u0, gtol=gtol, maxiter=maxiter)

@@ -84,6 +84,39 @@ def test_monte_carlo_optimum_warns_when_weights_have_infinite_variance():
     assert opt.info["pareto_k"] > 0.7 and "infinite variance" in opt.info["mc_warning"]
 
 
+def test_logistic_linear_optimum_from_an_infeasible_default_start():
+    # Separable two-class data, linear activation, small lam: u = l'(0, y) = -y/2 has
+    # |c(u)| > lam (Z(u) diverges), so the solver must start from a feasible (halved) point.
+    from mfld.data import gaussian_mixture
+
+    ds = gaussian_mixture(n=256, d=1, separation=4.0, n_test=0, seed=0)
+    pr = _problem(ds.x, ds.y, activation="linear", loss="logistic", lam=0.05, tau=0.05)
+    y = np.asarray(pr.y, dtype=np.float64)
+    assert duality.evaluate(pr, -0.5 * y).D == -math.inf
+    opt = solve_optimum(pr)
+    assert opt.method == "closed_form" and opt.info["status"] == "converged"
+    assert np.isfinite(opt.F_star) and opt.F_star_err < 1e-12
+    c = np.asarray(pr.x, np.float64).T @ opt.u / pr.n
+    assert np.linalg.norm(c) < float(pr.lam)  # u* is feasible
+    # fixed point u* = l'(f*, y) (THEORY 6): grad_u D_j = (f_j - (l*)'(u_j))/n and l' is
+    # 1/4-Lipschitz, so |u_j - l'(f_j)| <= n max|grad D| / 4 at the returned point
+    resid = np.max(np.abs(opt.u - (-y * expit(-y * opt.f))))
+    assert resid <= pr.n * opt.info["grad_max"] / 4 + 1e-15
+
+
+def test_infeasible_start_raises_theory_not_applicable():
+    from mfld.errors import TheoryNotApplicable
+    from mfld.optimum import maximise_dual
+
+    x, y = _data(n=8)
+    pr = _problem(x, y, activation="linear", lam=1.0, tau=0.2)
+    spec = duality._spec(pr)
+    u_bad = np.asarray(pr.x, np.float64)[:, 0] * 50.0  # |c(u)| >> lam: D = -inf
+    assert duality.evaluate(pr, u_bad).D == -math.inf
+    with pytest.raises(TheoryNotApplicable, match="starting point"):
+        maximise_dual(spec, lambda v: duality._closed_form(spec, v), u_bad)
+
+
 def test_linear_sampler_and_json_roundtrip():
     x, y = _data(n=20)
     pr = _problem(x, y, activation="linear", lam=1.0, tau=0.2)
