@@ -4,6 +4,11 @@ Each activation provides a fused ``value_and_derivative(z) -> (sigma(z), sigma'(
 reuses shared work (e.g. ``tanh``: sigma' = 1 - sigma^2), and the constants
 ``sup |sigma|`` and ``sup |sigma'|`` used by the LSI bounds of THEORY section 5
 (``None`` when unbounded). A user callable gets its derivative from autodiff.
+
+Float64 NumPy forms (for the dual, the references and the data generators, which compute
+in float64 whatever the particles' precision): :meth:`Activation.np_fn` and
+:meth:`Activation.np_value_and_derivative`. The registry's activations have NumPy/SciPy
+implementations; a user callable is evaluated by JAX in a scoped ``jax.enable_x64`` context.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import scipy.special as _sps
 from jax.scipy.special import erf as _erf
 
 from mfld.errors import ConfigError
@@ -35,6 +42,9 @@ class Activation:
         odd: whether sigma(-z) = -sigma(z) (then the two sign groups of a fixed output
             layer have equal partition functions, THEORY section 8).
         analytic: False for user callables (derivative by autodiff).
+        numpy_fn, numpy_vd: float64 NumPy sigma and ``z -> (sigma(z), sigma'(z))``, or
+            ``None`` (then :meth:`np_fn` / :meth:`np_value_and_derivative` evaluate the JAX
+            forms in a scoped x64 context).
     """
 
     name: str
@@ -44,9 +54,30 @@ class Activation:
     dsup: float | None
     odd: bool = False
     analytic: bool = True
+    numpy_fn: Callable | None = None
+    numpy_vd: Callable | None = None
 
     def derivative(self, z):
         return self.value_and_derivative(z)[1]
+
+    def np_value_and_derivative(self, z) -> tuple[np.ndarray, np.ndarray]:
+        """(sigma(z), sigma'(z)) as float64 NumPy arrays."""
+        z = np.asarray(z, dtype=np.float64)
+        if self.numpy_vd is not None:
+            return self.numpy_vd(z)
+        with jax.enable_x64(True):
+            v, d = self.value_and_derivative(jnp.asarray(z, dtype=jnp.float64))
+            return np.asarray(v, dtype=np.float64), np.asarray(d, dtype=np.float64)
+
+    def np_fn(self, z) -> np.ndarray:
+        """sigma(z) as a float64 NumPy array."""
+        z = np.asarray(z, dtype=np.float64)
+        if self.numpy_fn is not None:
+            return self.numpy_fn(z)
+        if self.numpy_vd is not None:
+            return self.numpy_vd(z)[0]
+        with jax.enable_x64(True):
+            return np.asarray(self.fn(jnp.asarray(z, dtype=jnp.float64)), dtype=np.float64)
 
     def __call__(self, z):
         return self.fn(z)
@@ -88,17 +119,74 @@ def _linear_vd(z):
     return z, jnp.ones_like(z)
 
 
+# ---- float64 NumPy forms -----------------------------------------------------------------
+
+
+def _np_tanh_vd(z):
+    s = np.tanh(z)
+    return s, 1.0 - s * s
+
+
+def _np_sigmoid_vd(z):
+    s = _sps.expit(z)
+    return s, s * (1.0 - s)
+
+
+def _np_erf_vd(z):
+    return _sps.erf(z), (2.0 / math.sqrt(math.pi)) * np.exp(-z * z)
+
+
+def _np_relu_vd(z):
+    return np.maximum(z, 0.0), (z > 0).astype(np.float64)
+
+
+def _np_softplus_vd(z):
+    return np.logaddexp(0.0, z), _sps.expit(z)
+
+
+def _np_gelu(z):
+    return 0.5 * z * (1.0 + _sps.erf(z / _SQRT2))
+
+
+def _np_gelu_vd(z):
+    cdf = 0.5 * (1.0 + _sps.erf(z / _SQRT2))
+    return z * cdf, cdf + z * (_INV_SQRT2PI * np.exp(-0.5 * z * z))
+
+
+def _np_linear_vd(z):
+    return z, np.ones_like(z)
+
+
+def _np_relu(z):
+    return np.maximum(z, 0.0)
+
+
+def _np_softplus(z):
+    return np.logaddexp(0.0, z)
+
+
+def _np_linear(z):
+    return z
+
+
 # sup |gelu'(z)| = 1 + sqrt(2) * phi(sqrt(2)) ... attained at z = sqrt(2): cdf(sqrt2) + sqrt2 pdf(sqrt2)
 _GELU_DSUP = 0.5 * (1.0 + math.erf(1.0)) + _SQRT2 * _INV_SQRT2PI * math.exp(-1.0)
 
 ACTIVATIONS: dict[str, Activation] = {
-    "tanh": Activation("tanh", jnp.tanh, _tanh_vd, 1.0, 1.0, odd=True),
-    "sigmoid": Activation("sigmoid", jax.nn.sigmoid, _sigmoid_vd, 1.0, 0.25),
-    "erf": Activation("erf", _erf, _erf_vd, 1.0, 2.0 / math.sqrt(math.pi), odd=True),
-    "relu": Activation("relu", lambda z: jnp.maximum(z, 0.0), _relu_vd, None, 1.0),
-    "softplus": Activation("softplus", jax.nn.softplus, _softplus_vd, None, 1.0),
-    "gelu": Activation("gelu", _gelu, _gelu_vd, None, _GELU_DSUP),
-    "linear": Activation("linear", lambda z: z, _linear_vd, None, 1.0, odd=True),
+    "tanh": Activation("tanh", jnp.tanh, _tanh_vd, 1.0, 1.0, odd=True,
+        numpy_fn=np.tanh, numpy_vd=_np_tanh_vd),
+    "sigmoid": Activation("sigmoid", jax.nn.sigmoid, _sigmoid_vd, 1.0, 0.25,
+        numpy_fn=_sps.expit, numpy_vd=_np_sigmoid_vd),
+    "erf": Activation("erf", _erf, _erf_vd, 1.0, 2.0 / math.sqrt(math.pi), odd=True,
+        numpy_fn=_sps.erf, numpy_vd=_np_erf_vd),
+    "relu": Activation("relu", lambda z: jnp.maximum(z, 0.0), _relu_vd, None, 1.0,
+        numpy_fn=_np_relu, numpy_vd=_np_relu_vd),
+    "softplus": Activation("softplus", jax.nn.softplus, _softplus_vd, None, 1.0,
+        numpy_fn=_np_softplus, numpy_vd=_np_softplus_vd),
+    "gelu": Activation("gelu", _gelu, _gelu_vd, None, _GELU_DSUP,
+        numpy_fn=_np_gelu, numpy_vd=_np_gelu_vd),
+    "linear": Activation("linear", lambda z: z, _linear_vd, None, 1.0, odd=True,
+        numpy_fn=_np_linear, numpy_vd=_np_linear_vd),
 }
 
 

@@ -38,19 +38,11 @@ class Dataset:
 
 
 def _np_activation(name: str):
-    from scipy.special import erf, expit
+    """The registry activation ``name`` as a float64 NumPy function."""
+    from mfld.activations import ACTIVATIONS
 
-    table = {
-        "tanh": np.tanh,
-        "sigmoid": expit,
-        "erf": erf,
-        "relu": lambda z: np.maximum(z, 0.0),
-        "softplus": lambda z: np.logaddexp(0.0, z),
-        "gelu": lambda z: 0.5 * z * (1.0 + erf(z / np.sqrt(2.0))),
-        "linear": lambda z: z,
-    }
-    _choice(name, "data.params.activation", tuple(table))
-    return table[name]
+    _choice(name, "data.params.activation", tuple(ACTIVATIONS))
+    return ACTIVATIONS[name].np_fn
 
 
 def teacher_student(n: int = 64, d: int = 1, *, teacher_width: int = 3, noise: float = 0.05,

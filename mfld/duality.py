@@ -54,7 +54,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import erf, expit, logsumexp
+from scipy.special import logsumexp
 
 from mfld.errors import ConfigError, TheoryNotApplicable
 
@@ -103,29 +103,6 @@ PARETO_K_MAX = 0.7
 # ---------------------------------------------------------------------------------------
 
 
-def _np_activation(act):
-    table = {
-        "tanh": np.tanh,
-        "sigmoid": expit,
-        "erf": erf,
-        "relu": lambda z: np.maximum(z, 0.0),
-        "softplus": lambda z: np.logaddexp(0.0, z),
-        "gelu": lambda z: 0.5 * z * (1.0 + erf(z / math.sqrt(2.0))),
-        "linear": lambda z: z,
-    }
-    if act.analytic and act.name in table:
-        return table[act.name]
-
-    def via_jax(z):  # a user callable: evaluate it in a scoped float64 context
-        import jax
-        import jax.numpy as jnp
-
-        with jax.enable_x64(True):
-            return np.asarray(act.fn(jnp.asarray(z, dtype=jnp.float64)), dtype=np.float64)
-
-    return via_jax
-
-
 @dataclass(frozen=True, eq=False)
 class _Spec:
     x: np.ndarray
@@ -140,6 +117,7 @@ class _Spec:
     loss: str
     output: str
     plus_fraction: float
+    lossfn: object = None  # the mfld.losses.Loss
     key: str = field(default="")
 
     @property
@@ -150,36 +128,18 @@ class _Spec:
     def p(self):
         return self.x.shape[1]
 
-    # ---- losses in float64 ----
+    # ---- the loss in float64 (mfld.losses' NumPy forms) ----
     def loss_value(self, f, y):
-        if self.loss == "squared":
-            return 0.5 * (f - y) ** 2
-        return np.logaddexp(0.0, -y * f)
+        return self.lossfn.np_value(f, y)
 
     def loss_deriv(self, f, y):
-        if self.loss == "squared":
-            return f - y
-        return -y * expit(-y * f)
+        return self.lossfn.np_derivative(f, y)
 
     def conj(self, u):
-        y = self.y
-        if self.loss == "squared":
-            return 0.5 * u * u + u * y
-        q = -u * y
-        if np.any((q < 0) | (q > 1)):
-            return np.full_like(u, np.inf)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            xl = np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0)
-            r = 1.0 - q
-            yl = np.where(r > 0, r * np.log(np.where(r > 0, r, 1.0)), 0.0)
-        return xl + yl
+        return self.lossfn.np_conjugate(u, self.y)
 
     def conj_deriv(self, u):
-        y = self.y
-        if self.loss == "squared":
-            return u + y
-        q = np.clip(-u * y, 1e-300, 1.0 - 1e-16)
-        return -y * (np.log(q) - np.log1p(-q))
+        return self.lossfn.np_conjugate_derivative(u, self.y)
 
 
 def check_applicable(problem) -> None:
@@ -210,9 +170,9 @@ def _spec(problem, plus_fraction: float = 0.5, need_tau: bool = True) -> _Spec:
     h = hashlib.sha1(x.tobytes())
     h.update(repr((x.shape, act.name, id(act.fn) if not act.analytic else 0)).encode())
     return _Spec(x=x, y=y, lam=float(problem.lam), tau=float(problem.tau), r_out=float(problem.r_out),
-                 sigma=_np_activation(act), act_name=act.name, act_sup=act.sup,
+                 sigma=act.np_fn, act_name=act.name, act_sup=act.sup,
                  linear=(act.analytic and act.name == "linear"), loss=problem.loss.name,
-                 output=problem.output, plus_fraction=pf, key=h.hexdigest())
+                 output=problem.output, plus_fraction=pf, lossfn=problem.loss, key=h.hexdigest())
 
 
 def _network_output(spec: _Spec, a, w):

@@ -1,6 +1,7 @@
 """Grid references for d = 1 without bias: theta = (a, w) in R^2 (THEORY sections 4, 6, 7).
 
-Everything here is deterministic quadrature in float64 NumPy/SciPy, independent of the
+Everything here is deterministic quadrature in float64 NumPy/SciPy (the losses' and
+activations' float64 NumPy forms, ``Loss.np_*`` and ``Activation.np_fn``), independent of the
 particle code paths, so it serves as a reference for them:
 
 - :class:`Grid`: a uniform cell-centred grid on [-a_max, a_max] x [-w_max, w_max]; a density
@@ -34,9 +35,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-from scipy.special import expit, logsumexp
+from scipy.special import logsumexp
 
 from mfld.errors import ConfigError, TheoryNotApplicable
+from mfld.losses import get_loss
 
 __all__ = [
     "Grid",
@@ -56,34 +58,6 @@ __all__ = [
     "generator",
     "poincare_constant",
 ]
-
-
-# ---- NumPy losses (float64) ------------------------------------------------------------
-
-
-def _loss_value(name, f, y):
-    if name == "squared":
-        return 0.5 * (f - y) ** 2
-    return np.logaddexp(0.0, -y * f)
-
-
-def _loss_deriv(name, f, y):
-    if name == "squared":
-        return f - y
-    return -y * expit(-y * f)
-
-
-def _loss_conj(name, u, y):
-    if name == "squared":
-        return 0.5 * u * u + u * y
-    p = -u * y
-    if np.any((p < 0) | (p > 1)):
-        return np.full_like(u, np.inf)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        xl = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-        q = 1.0 - p
-        yl = np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0)
-    return xl + yl
 
 
 # ---- the grid ------------------------------------------------------------------------
@@ -154,15 +128,11 @@ def make_grid(problem, n_a: int = 81, n_w: int = 81, *, a_max: float | None = No
             raise ConfigError("give a_max for an unbounded activation", field="a_max")
         umax = 1.0 if problem.loss.name == "logistic" else float(np.max(np.abs(np.asarray(problem.y))))
         a_max = 7.0 * s + sup * umax / lam
-    import jax
-    import jax.numpy as jnp
-
     a = -a_max + (np.arange(n_a) + 0.5) * (2 * a_max / n_a)
     w = -w_max + (np.arange(n_w) + 0.5) * (2 * w_max / n_w)
     x = np.asarray(problem.x, dtype=np.float64)[:, 0]
     y = np.asarray(problem.y, dtype=np.float64)
-    with jax.enable_x64(True):
-        S = np.asarray(problem.activation.fn(jnp.asarray(w[:, None] * x[None, :])), dtype=np.float64)
+    S = problem.activation.np_fn(w[:, None] * x[None, :])
     psi = float(problem.r_out) * np.tanh(a) if problem.output == "bounded" else a.copy()
     quad = 0.5 * lam * (a[:, None] ** 2 + w[None, :] ** 2)
     return Grid(a=a, w=w, ha=2 * a_max / n_a, hw=2 * w_max / n_w, x=x, y=y, S=S, psi=psi, lam=lam,
@@ -188,7 +158,7 @@ def predict(grid: Grid, rho: np.ndarray) -> np.ndarray:
 
 def residual(grid: Grid, f: np.ndarray) -> np.ndarray:
     """u_j = l'(f_j, y_j)."""
-    return _loss_deriv(grid.loss, f, grid.y)
+    return get_loss(grid.loss).np_derivative(f, grid.y)
 
 
 def potential(grid: Grid, u: np.ndarray) -> np.ndarray:
@@ -207,7 +177,7 @@ def gibbs(grid: Grid, u: np.ndarray):
 def free_energy(grid: Grid, rho: np.ndarray) -> dict:
     """F(rho) = R + (lam/2) E|theta|^2 + tau E[log rho] by quadrature, with its parts."""
     f = predict(grid, rho)
-    risk = float(np.mean(_loss_value(grid.loss, f, grid.y)))
+    risk = float(np.mean(get_loss(grid.loss).np_value(f, grid.y)))
     reg = expect(grid, rho, grid.quad)
     with np.errstate(divide="ignore", invalid="ignore"):
         neg_ent = float(np.sum(np.where(rho > 0, rho * np.log(np.where(rho > 0, rho, 1.0)), 0.0)) * grid.cell)
@@ -219,7 +189,7 @@ def free_energy(grid: Grid, rho: np.ndarray) -> dict:
 def dual(grid: Grid, u: np.ndarray) -> float:
     """D(u) = -(1/n) sum_j l_j*(u_j) - tau log Z(u) (THEORY 6), Z by grid quadrature."""
     _, log_z = gibbs(grid, u)
-    return float(-np.mean(_loss_conj(grid.loss, u, grid.y)) - grid.tau * log_z)
+    return float(-np.mean(get_loss(grid.loss).np_conjugate(u, grid.y)) - grid.tau * log_z)
 
 
 @dataclass(frozen=True)

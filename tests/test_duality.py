@@ -157,7 +157,8 @@ def test_gap_is_the_fenchel_young_residual(output):
 @pytest.mark.parametrize("output", ["trained", "bounded"])
 def test_dual_primal_and_f_hat_match_the_grid_reference(output):
     # Independent reference: mfld.grid integrates exp(-V_u/tau) over (a, w) on a 2-D midpoint
-    # grid (no analytic a-integral, no adaptive trapezoid, its own sigma and losses).
+    # grid (no analytic a-integral, no adaptive trapezoid); the two share only the float64
+    # losses and sigma, which tests/test_losses.py checks against JAX and the Fenchel sup.
     # Error model: the integrand is analytic and Gaussian-decaying, so the 400 x 400 midpoint
     # rule (h = 0.04) converges spectrally; the truncation at |a|, |w| = 8 costs
     # exp(-lam 8^2 / (2 tau)) ~ e^-75. The library's own quadrature error is err_D <= 1e-11
