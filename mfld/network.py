@@ -93,11 +93,16 @@ def predict(problem: Problem, a, w, x=None, *, n_particles=None, memory_budget: 
 # ---------------------------------------------------------------------------- chunking
 #: Default budget (bytes) for the temporaries of one drift evaluation (see :func:`plan_chunks`).
 DEFAULT_MEMORY_BUDGET = 1 << 30
-#: Target number of (particle, data) pairs per block (1 MiB per float32 temporary): a block's
-#: activations stay in a core's L2 cache. Measured on a 2-core AVX-512 machine
-#: (benchmarks/README.md): 2^18 was 1.3-1.8x faster than 2^20-2^22 for p <= 26.
+#: Target number of (particle, data) pairs per block on one CPU thread (1 MiB per float32
+#: temporary): a block's activations stay in the core's L2 cache. With T threads the target is
+#: ``BLOCK_TARGET * T^2`` (at most ``BLOCK_TARGET_MAX``): XLA splits every op of a block over
+#: the threads, and small ops do not pay for the synchronisation. Measured on a 2-core
+#: AVX-512 machine (benchmarks/README.md): 1 thread, 2^18 was 1.3-1.8x faster than 2^20-2^22;
+#: 2 threads, 2^20 was 1.4-1.5x faster than 2^18.
 BLOCK_TARGET = 1 << 18
-#: Data rows per block of the two-GEMM data-blocked evaluation (64 beat 32, 128, 256, 1024).
+BLOCK_TARGET_MAX = 1 << 22
+#: Data rows per block of the two-GEMM data-blocked evaluation on one thread, times T with T
+#: threads (at most 256). 1 thread: 64 beat 32, 128, 256, 1024; 2 threads: 128 beat 64, 256.
 DATA_BLOCK = 64
 #: Smallest p (features incl. bias) for which data blocks (two GEMMs) are used rather than
 #: particle blocks (three GEMMs): measured crossover between p = 26 and p = 51.
@@ -123,8 +128,20 @@ class ChunkPlan(NamedTuple):
         return -(-n_particles // self.particles), -(-n_data // self.data)
 
 
+def cpu_threads() -> int:
+    """The cores this process may run on (what XLA's CPU thread pool uses; see
+    :func:`mfld.sharding.configure_cpu` to pin it)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def plan_chunks(n_particles: int, n_data: int, itemsize: int = 4, *, n_features: int | None = None,
-                memory_budget: int | None = None, block_target: int | None = None) -> ChunkPlan:
+                memory_budget: int | None = None, block_target: int | None = None,
+                threads: int | None = None) -> ChunkPlan:
     """Choose the blocking of a drift evaluation over (particles, data).
 
     Memory formula (bytes) of the temporaries of one evaluation with blocks of ``c``
@@ -132,12 +149,13 @@ def plan_chunks(n_particles: int, n_data: int, itemsize: int = 4, *, n_features:
 
         temporaries = 3 * c * b * itemsize            (sigma, sigma' u, GEMM output)
 
-    Rules (``n_features`` = p, the width of x; unknown p means "small"):
+    Rules (``n_features`` = p, the width of x; unknown p means "small"; T = ``threads``,
+    default :func:`cpu_threads`; ``block_target`` default ``min(BLOCK_TARGET T^2,
+    BLOCK_TARGET_MAX)``; data rows ``b_d = min(DATA_BLOCK T, 256)``):
 
     1. ``N n <= min(block_target, budget / (3 s))``: one block (two GEMMs, sigma reused);
     2. ``p >= DATA_BLOCK_MIN_FEATURES``, ``N p s <= DATA_BLOCK_MAX_ACCUMULATOR`` and
-       ``3 N DATA_BLOCK s <= budget``: data blocks of ``DATA_BLOCK`` rows with all particles
-       (two GEMMs);
+       ``3 N b_d s <= budget``: data blocks of ``b_d`` rows with all particles (two GEMMs);
     3. otherwise particle blocks (three GEMMs): ``c * b`` is the largest of
        ``min(N n, block_target)`` within the budget; the data axis is split only when even
        8 particles times all ``n`` rows exceed the budget.
@@ -147,19 +165,23 @@ def plan_chunks(n_particles: int, n_data: int, itemsize: int = 4, *, n_features:
         step total ~= 5 * N * D * itemsize + n * p * itemsize + temporaries
 
     (state in and out, the drift, the noise draw and a padding copy; see docs/performance.md).
-    Block sizes are balanced so the padding is less than one row per block.
+    Block sizes are balanced so the padding is less than one row per block. The blocking
+    changes the order of the floating-point sums only: runs with different thread counts agree
+    up to reassociation, runs with the same thread count bit for bit.
     """
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-    target = BLOCK_TARGET if block_target is None else int(block_target)
+    threads = cpu_threads() if threads is None else max(1, int(threads))
+    target = min(BLOCK_TARGET * threads ** 2, BLOCK_TARGET_MAX) if block_target is None else int(block_target)
+    data_block = min(DATA_BLOCK * threads, 256)
     max_pairs = max(1, budget // (_BLOCK_BUFFERS * itemsize))
     pairs = max(1, min(target, max_pairs))
     n_particles, n_data = int(n_particles), int(n_data)
     if n_particles * n_data <= pairs:
         return ChunkPlan(n_particles, n_data)
-    if (n_features is not None and n_features >= DATA_BLOCK_MIN_FEATURES and n_data > DATA_BLOCK
+    if (n_features is not None and n_features >= DATA_BLOCK_MIN_FEATURES and n_data > data_block
             and n_particles * n_features * itemsize <= DATA_BLOCK_MAX_ACCUMULATOR
-            and n_particles * DATA_BLOCK <= max_pairs):
-        return ChunkPlan(n_particles, _balanced(n_data, DATA_BLOCK))
+            and n_particles * data_block <= max_pairs):
+        return ChunkPlan(n_particles, _balanced(n_data, data_block))
     min_c = min(8, n_particles)
     if min_c * n_data <= max_pairs:
         b = n_data

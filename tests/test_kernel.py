@@ -108,20 +108,28 @@ def test_plan_respects_budget_and_covers_the_problem():
 def test_plan_chooses_two_gemm_data_blocks_only_where_they_pay():
     """The documented rules of plan_chunks: wide features (p >= 33) with a cache-sized (N, p)
     accumulator get data blocks of all particles (two GEMMs); thin features, or an accumulator
-    too large to stay in cache, get cache-sized particle blocks (three GEMMs)."""
+    too large to stay in cache, get cache-sized particle blocks (three GEMMs); blocks grow
+    with the thread count (T^2 pairs, T data rows)."""
     P = network.ChunkPlan
-    assert network.plan_chunks(16384, 4096, 4, n_features=101) == P(16384, 64)
-    assert network.plan_chunks(4096, 1024, 4, n_features=51) == P(4096, 64)
-    # thin features: particle blocks of ~BLOCK_TARGET pairs with all data rows
-    c, b = network.plan_chunks(100000, 512, 4, n_features=3)
-    assert b == 512 and c * b <= network.BLOCK_TARGET + b and c < 100000
-    c, b = network.plan_chunks(4096, 1024, 4, n_features=26)
+    for t in (1, 2):
+        assert network.plan_chunks(16384, 4096, 4, n_features=101, threads=t) == P(16384, 64 * t)
+        # thin features: particle blocks of ~BLOCK_TARGET T^2 pairs with all data rows
+        c, b = network.plan_chunks(100000, 512, 4, n_features=3, threads=t)
+        assert b == 512 and c * b <= network.BLOCK_TARGET * t * t + b and c < 100000
+        assert c * b > network.BLOCK_TARGET * t * t // 2
+    assert network.plan_chunks(4096, 1024, 4, n_features=51, threads=1) == P(4096, 64)
+    assert network.plan_chunks(4096, 1024, 4, n_features=51, threads=2) == P(4096, 128)
+    c, b = network.plan_chunks(4096, 1024, 4, n_features=26, threads=1)
     assert c < 4096 and b == 1024
     # N = 1e6, p = 101: a 400 MB accumulator would be streamed once per data block
     c, b = network.plan_chunks(10 ** 6, 10 ** 4, 4, n_features=101)
     assert c < 10 ** 6 and 3 * c * b * 4 <= network.DEFAULT_MEMORY_BUDGET
     # a budget too small for N x 64 temporaries falls back to particle blocks
-    assert network.plan_chunks(16384, 4096, 4, n_features=101, memory_budget=3 * 4 * 16384 * 32).particles < 16384
+    assert network.plan_chunks(16384, 4096, 4, n_features=101, memory_budget=3 * 4 * 16384 * 32,
+                               threads=1).particles < 16384
+    # many cores: the block target is capped
+    assert network.plan_chunks(10 ** 6, 10 ** 4, 4, n_features=3, threads=64).particles * 10 ** 4 <= (
+        network.BLOCK_TARGET_MAX + 10 ** 4)
 
 
 def test_step_compiles_once_for_new_hyperparameters():

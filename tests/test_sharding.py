@@ -62,21 +62,21 @@ DEVICES_SCRIPT = SETUP + textwrap.dedent("""
                     "shape": list(w.shape),
                     "records": {c: float(np.abs(h[c] - h0[c]).max()) for c in h0.columns if c != "wall_time"},
                 }
-    # wide features (p = 41) and a small memory budget: each device count takes another blocking
-    # of the drift (particle blocks, data blocks of all local particles, one block)
+    # wide features (p = 41) and a small memory budget: the device counts take different blockings
+    # of the drift (particle blocks; data blocks of all local particles, 64 or 128 rows by threads)
     with jax.enable_x64(True):
         from mfld import network
         from mfld.problem import Problem
         rng = np.random.default_rng(1)
-        x = rng.standard_normal((100, 40))
+        x = rng.standard_normal((300, 40))
         pr = Problem.create(x, np.tanh(x[:, 0]), lam=0.1, tau=0.02, dtype=jnp.float64)
         st = dynamics.init_particles(pr, 101, 0)
-        stepper = dynamics.Langevin(0.05, memory_budget=3400 * 24)
+        stepper = dynamics.Langevin(0.05, memory_budget=5000 * 24)
         ref, _ = dynamics.simulate(pr, st, stepper, 6, record_every=3)
         for k in (1, 2, 4):
             local = sharding.padded_count(101, k) // k
-            plan = network.plan_chunks(local, 100, 8, n_features=41, memory_budget=3400 * 24)
-            kind = ("one" if plan == (local, 100) else "data" if plan.particles >= local else "particle")
+            plan = network.plan_chunks(local, 300, 8, n_features=41, memory_budget=5000 * 24)
+            kind = ("one" if plan == (local, 300) else "data" if plan.particles >= local else "particle")
             fin, _ = sharding.simulate(pr, st, stepper, 6, n_devices=k, record_every=3)
             a, w = sharding.gather(fin)
             out[f"wide-{k}"] = {"kind": kind, "w": float(np.abs(w - np.asarray(ref.w)).max()),
@@ -124,11 +124,11 @@ def test_same_trajectory_on_1_2_4_devices(devices_result, prec, tol, k):
 
 
 def test_every_blocking_of_the_drift_gives_the_same_sharded_trajectory(devices_result):
-    """p = 41 with a small memory budget: 1 device uses particle blocks (three GEMMs), 2
-    devices data blocks with a psum per block (two GEMMs), 4 devices one block; all equal the
-    unsharded run up to reassociation (float64, 6 steps: 1e-12 as above)."""
+    """p = 41 with a small memory budget: 1 device uses particle blocks (three GEMMs), 4
+    devices data blocks with a psum per block (two GEMMs), 2 devices either (by the thread
+    count); all equal the unsharded run up to reassociation (float64, 6 steps: 1e-12 as above)."""
     kinds = {k: devices_result[f"wide-{k}"]["kind"] for k in (1, 2, 4)}
-    assert kinds == {1: "particle", 2: "data", 4: "one"}, kinds
+    assert kinds[1] == "particle" and kinds[4] == "data" and kinds[2] in ("particle", "data"), kinds
     for k in (1, 2, 4):
         r = devices_result[f"wide-{k}"]
         assert r["w"] < 1e-12 and r["a"] < 1e-12, (k, r)
