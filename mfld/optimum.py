@@ -34,6 +34,7 @@ import numpy as np
 from scipy.special import expit, logsumexp
 
 from mfld import duality
+from mfld.app.rundir import jsonable
 from mfld.duality import _closed_form, _eval_nodes, _mc_nodes, _Quadrature, _spec
 from mfld.errors import ConfigError, TheoryNotApplicable
 
@@ -249,7 +250,7 @@ class Optimum:
             "method": self.method, "certified": self.method != "mc",
             "u": self.u.tolist(), "f": self.f.tolist(),
             "mean": self.mean.tolist(), "cov": self.cov.tolist(),
-            "plus_fraction": self.plus_fraction, "info": _jsonable(self.info),
+            "plus_fraction": self.plus_fraction, "info": jsonable(self.info, nonfinite_as_str=True),
         }
 
     def to_json(self) -> str:
@@ -276,20 +277,6 @@ def _seed_of(key_or_seed):
 
     data = np.asarray(jax.random.key_data(key_or_seed)).ravel()
     return [int(v) for v in data]
-
-
-def _jsonable(d):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, (np.floating, np.integer)):
-            v = v.item()
-        if isinstance(v, np.ndarray):
-            v = v.tolist()
-        if isinstance(v, float) and not math.isfinite(v):
-            v = str(v)
-        if isinstance(v, (str, int, float, bool, list)) or v is None:
-            out[k] = v
-    return out
 
 
 # ---------------------------------------------------------------------------------------

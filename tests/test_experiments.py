@@ -51,6 +51,13 @@ def test_linear_convergence_quick(outdir):
         assert r["envelope_holds"] == "True"
         # THEORY 5: the bound is below what it bounds -- never faster than the grid C_P rate
         assert float(r["bound_rate_at_R_star"]) <= float(r["poincare_rate_at_rho_star"])
+        # strong duality across implementations: grid F* against mfld.duality's D at the grid's u*.
+        # Error model: the grid's midpoint rule in w (32 cells on +-7 sqrt(tau/lam)) converges like
+        # exp(-2 pi d / h), d = pi/4 the distance of tanh(w x)'s poles (|x| <= 2) from the real
+        # axis (observed: 3e-10 and 2e-6 for the bounds 1e-9 and 1e-5); the factor 50 is margin
+        # for the constant. The duality side is accurate to 1e-11.
+        h = 14 * np.sqrt(float(r["tau"]) / float(r["lam"])) / 32
+        assert abs(float(r["F_star_minus_dual"])) <= 50 * np.exp(-2 * np.pi * (np.pi / 4) / h)
     gap = _read(p / "gap_exact.csv")
     assert all(float(g["gap_exact"]) <= float(g["envelope"]) * (1 + 1e-9) for g in gap)
     assert s["quick"] is True
@@ -244,3 +251,86 @@ def test_cli_experiment_unknown_name_is_one_line_error(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "linear-convergence" in err
+
+
+# ---------------------------------------------------------------------------------------
+# Shared helpers (mfld.experiments._common)
+# ---------------------------------------------------------------------------------------
+
+
+def test_common_writers_are_atomic_with_unique_temp_files(tmp_path, monkeypatch):
+    # rundir.atomic_write_*: a unique temp file in the same directory, fsync, rename. A stale
+    # (or concurrent) "<name>.tmp" must not matter, and every file is fsynced before the rename.
+    import os
+
+    from mfld.experiments import _common as C
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    for name in ("t.csv", "s.json", "r.md", "f.png"):
+        (tmp_path / (name + ".tmp")).mkdir()  # a fixed temp name would collide with this
+    C.write_csv(tmp_path / "t.csv", {"a": [1.5, float("nan")], "b": ["x", "y"]})
+    C.write_json(tmp_path / "s.json", {"v": np.float64(np.inf), "k": np.arange(2), "ok": np.bool_(True)})
+    C.write_report(tmp_path / "r.md", "T", [("H", "body")])
+    plt = C.pyplot()
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1], [0, 1])
+    C.savefig(fig, tmp_path / "f.png")
+    assert len(synced) == 4
+    assert _read(tmp_path / "t.csv") == [{"a": "1.5", "b": "x"}, {"a": "nan", "b": "y"}]
+    assert json.loads((tmp_path / "s.json").read_text()) == {"v": "inf", "k": [0, 1], "ok": True}
+    assert (tmp_path / "r.md").read_text() == "# T\n\n## H\n\nbody\n"
+    from PIL import Image
+
+    with Image.open(tmp_path / "f.png") as im:
+        assert im.size == (440, 330)  # 4 x 3 inches at the experiments' 110 dpi, no bbox cropping
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["t.csv", "s.json", "r.md", "f.png", "t.csv.tmp", "s.json.tmp", "r.md.tmp", "f.png.tmp"])
+
+
+def test_append_rows_and_certificate_rows():
+    from mfld import duality
+    from mfld.experiments import _common as C
+
+    t = {"run": [], "t": [], "v": []}
+    C.append_rows(t, run="a", t=np.array([0.0, 1.0]), v=[3, 4])
+    C.append_row(t, run="b", t=2.0, v=5)
+    assert t == {"run": ["a", "a", "b"], "t": [0.0, 1.0, 2.0], "v": [3, 4, 5]}
+    with pytest.raises(ValueError, match="one length"):
+        C.append_rows(t, run="c", t=[1.0], v=[1, 2])
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-2, 2, (10, 1))
+    with jax.enable_x64(True):
+        pb = Problem.create(x, np.tanh(x[:, 0]), lam=0.5, tau=0.1, bias=False)
+        st = dynamics.init_particles(pb, 100, 0)
+        tab = {"t": [], "risk": [], "dual_lower": [], "Fstar_minus_D": []}
+        _, h = dynamics.simulate(pb, st, dynamics.Langevin(0.05), 20, record_every=10,
+                                 callback=C.certify_callback(tab, pb, F_star=1.0, keep=lambda r: r["step"] > 0))
+        assert tab["t"] == pytest.approx([0.5, 1.0]) and tab["risk"] == pytest.approx(list(h["risk"][1:]))
+        final = dynamics.run_steps(pb, st, dynamics.Langevin(0.05), 20)[0]
+        c = duality.certify(pb, final.a, final.w)
+    assert tab["dual_lower"][-1] == c["dual_lower"]
+    assert tab["Fstar_minus_D"][-1] == 1.0 - c["dual_lower"]
+
+
+def test_every_figure_goes_through_one_writer(tmp_path, monkeypatch):
+    # run figures, the certificate figure and the experiments' figures share
+    # mfld.app.plots.save_figure (atomic write, one place for format and dpi)
+    from mfld.app import certificate_plots, plots
+    from mfld.experiments import _common as C
+
+    seen = []
+    real = plots.save_figure
+    def spy(fig, path, **kw):
+        seen.append(path.name)
+        return real(fig, path, **kw)
+
+    monkeypatch.setattr(plots, "save_figure", spy)
+    t = np.linspace(0, 5, 30)
+    certificate_plots.plot_gap({"t": t, "dual_lower": -np.exp(-t), "primal_upper": np.exp(-t)}, tmp_path / "gap.png")
+    plots.plot_risk({"t": t, "risk": np.exp(-t) + 0.1}, tmp_path / "risk.png")
+    fig, _ = C.pyplot().subplots()
+    C.savefig(fig, tmp_path / "exp.png")
+    assert seen == ["gap.png", "risk.png", "exp.png"]
+    assert all((tmp_path / n).read_bytes().startswith(b"\x89PNG") for n in seen)

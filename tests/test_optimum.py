@@ -335,3 +335,20 @@ def test_plot_gap_writes_figure_and_fits_the_rate(tmp_path):
     rate = plot_gap(metrics, tmp_path / "figures" / "gap.png", F_star=-1.0)
     assert (tmp_path / "figures" / "gap.png").stat().st_size > 10_000
     assert rate == pytest.approx(0.8, rel=0.05)  # the straight part, before the 1e-6 floor
+
+
+def test_optimum_json_is_strict_json_with_nonfinite_info():
+    # info values that are nan/inf (also nested, also NumPy) are written as strings: strict JSON
+    import json
+
+    x, y = _data(n=8)
+    pr = _problem(x, y, activation="linear", lam=1.0, tau=0.2)
+    opt = solve_optimum(pr)
+    opt.info.update(k=np.float64(np.nan), arr=np.array([1.0, np.inf]), hist=[[2, -np.inf]], flag=np.bool_(True))
+
+    def refuse(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+
+    d = json.loads(opt.to_json(), parse_constant=refuse)
+    assert d["info"]["k"] == "nan" and d["info"]["arr"] == [1.0, "inf"] and d["info"]["hist"] == [[2, "-inf"]]
+    assert d["info"]["flag"] is True and d["info"]["status"] == "converged"

@@ -69,11 +69,11 @@ def rho_star_density(problem, a_lim, w_lim, n: int = 120):
 
 def animate(run_dir, out_gif=None, *, fps: int = 8, with_density: bool = True) -> Path:
     """Write a GIF of the saved snapshots; returns its path (default RUN_DIR/figures/particles.gif)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
     from matplotlib.animation import FuncAnimation, PillowWriter
+
+    from mfld.app.plots import pyplot
+
+    plt = pyplot()
 
     run_dir = Path(run_dir)
     snaps = _snapshots(run_dir)

@@ -9,32 +9,11 @@ certificate was not computed hold NaN and are skipped. matplotlib with the Agg b
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
 __all__ = ["plot_gap"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _write_png(fig, path: Path):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    try:
-        from mfld.app.rundir import atomic_write_bytes
-    except ImportError:  # pragma: no cover - the app layer ships it
-        path.write_bytes(buf.getvalue())
-    else:
-        atomic_write_bytes(path, buf.getvalue())
 
 
 def _fit(t, y):
@@ -59,7 +38,9 @@ def plot_gap(metrics, out_path, F_star=None):
     with ``F_star``: F(rho_hat_u) - F* (primal_upper - F*) and F* - dual_lower. Statistical
     (Monte Carlo) records are drawn with hollow markers and labelled so.
     """
-    plt = _plt()
+    from mfld.app.plots import pyplot, save_figure
+
+    plt = pyplot()
     cols = {k: np.asarray(v, dtype=np.float64) for k, v in dict(metrics).items()
             if k in ("t", "dual_lower", "primal_upper", "certified")}
     t = cols["t"]
@@ -114,6 +95,5 @@ def plot_gap(metrics, out_path, F_star=None):
     ax.legend(fontsize=7, loc="upper right")
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_png(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
     return rate

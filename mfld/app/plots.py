@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,19 +21,33 @@ def _plt():
     return plt
 
 
-def _save(fig, path):
+def save_figure(fig, path, *, dpi: int = 120, tight_layout: bool = False, bbox_inches: str | None = "tight",
+                close: bool = True) -> Path:
+    """Render ``fig`` (format from the suffix, PNG by default) and write it atomically
+    (:func:`mfld.app.rundir.atomic_write_bytes`: unique temp file, fsync, rename); close it
+    unless ``close=False``. Every figure of the package is written through here."""
     import io
 
     from mfld.app.rundir import atomic_write_bytes
 
+    path = Path(path)
+    if tight_layout:
+        fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches=bbox_inches)
     atomic_write_bytes(path, buf.getvalue())
+    if close:
+        pyplot().close(fig)
+    return path
+
+
+_plt = pyplot  # the names mfld.app.sweep_cmd uses
+_save = save_figure
 
 
 def plot_risk(metrics: dict, path, title: str | None = None):
     """Train/test risk and regularised risk against t on a log scale."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     t = np.asarray(metrics["t"])
     for key, label, style in [("risk", "train risk R", "-"), ("test_risk", "test risk", "--"),
@@ -48,13 +63,12 @@ def plot_risk(metrics: dict, path, title: str | None = None):
     ax.set_title(title or "Risk along the run")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_neurons(a, w, path, *, bias: bool, output: str = "trained", r_out: float = 1.0):
     """The neuron cloud: (w, a) plane for a 1-D input without bias, else a_i against |w_i|."""
-    plt = _plt()
+    plt = pyplot()
     a = np.asarray(a, dtype=float)
     w = np.asarray(w, dtype=float)
     a_eff = r_out * np.tanh(a) if output == "bounded" else a
@@ -73,13 +87,12 @@ def plot_neurons(a, w, path, *, bias: bool, output: str = "trained", r_out: floa
     ax.set_ylabel("output weight" + (" r_out·tanh(a_i)" if output == "bounded" else " a_i"))
     ax.set_title(f"Neurons (N = {len(a)})")
     ax.grid(True, alpha=0.3)
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_function(x_grid, f_grid, path, *, x=None, y=None, target=None, f_star=None, x_star=None):
     """The learned function on a 1-D input against the data and (if known) the target."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     if x is not None:
         ax.scatter(np.ravel(x), y, s=10, color="k", alpha=0.6, label="training data")
@@ -93,8 +106,7 @@ def plot_function(x_grid, f_grid, path, *, x=None, y=None, target=None, f_star=N
     ax.set_title("Learned function")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    _save(fig, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def make_figures(run_dir, *, problem, dataset, a, w, metrics, optimum=None) -> list[str]:

@@ -64,18 +64,22 @@ def atomic_write_text(path, text: str) -> None:
 
 
 def write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=True) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=2, allow_nan=True) + "\n")
 
 
-def _jsonable(o):
+def jsonable(o, *, nonfinite_as_str: bool = False):
+    """``o`` with NumPy arrays/scalars, tuples and dict keys made JSON-native (recursively).
+    ``nonfinite_as_str``: nan/inf floats become the strings "nan", "inf", "-inf" (strict JSON)."""
     if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
+        return {str(k): jsonable(v, nonfinite_as_str=nonfinite_as_str) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
+        return [jsonable(v, nonfinite_as_str=nonfinite_as_str) for v in o]
     if isinstance(o, np.ndarray):
-        return _jsonable(o.tolist())
+        return jsonable(o.tolist(), nonfinite_as_str=nonfinite_as_str)
     if isinstance(o, (np.floating, np.integer, np.bool_)):
-        return o.item()
+        o = o.item()
+    if nonfinite_as_str and isinstance(o, float) and not math.isfinite(o):
+        return str(o)
     return o
 
 

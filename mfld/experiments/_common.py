@@ -8,12 +8,15 @@ Every experiment writes into its directory: ``report.md`` (Markdown, readable al
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from mfld.app import plots as _plots
+from mfld.app.rundir import atomic_write_text, jsonable
 
 
 def out_path(out_dir) -> Path:
@@ -23,16 +26,16 @@ def out_path(out_dir) -> Path:
 
 
 def write_csv(path, columns: dict) -> Path:
-    """Columns of equal length (dict name -> sequence), written atomically."""
+    """Columns of equal length (dict name -> sequence), written atomically
+    (:func:`mfld.app.rundir.atomic_write_text`)."""
     names = list(columns)
     n = len(next(iter(columns.values()))) if columns else 0
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        wr = csv.writer(fh)
-        wr.writerow(names)
-        for i in range(n):
-            wr.writerow([_fmt(columns[k][i]) for k in names])
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    wr = csv.writer(buf)
+    wr.writerow(names)
+    for i in range(n):
+        wr.writerow([_fmt(columns[k][i]) for k in names])
+    atomic_write_text(path, buf.getvalue())
     return Path(path)
 
 
@@ -43,25 +46,9 @@ def _fmt(v):
 
 
 def write_json(path, obj) -> Path:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    """``obj`` as JSON (non-finite floats as strings), written atomically."""
+    atomic_write_text(path, json.dumps(jsonable(obj, nonfinite_as_str=True), indent=2, sort_keys=True))
     return Path(path)
-
-
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return _jsonable(o.tolist())
-    if isinstance(o, (np.floating, float)):
-        f = float(o)
-        return f if math.isfinite(f) else str(f)
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    return o
 
 
 def md_table(columns: dict, fmt: str = "{:.4g}") -> str:
@@ -78,23 +65,76 @@ def md_table(columns: dict, fmt: str = "{:.4g}") -> str:
 
 
 def write_report(path, title: str, sections: list[tuple[str, str]]) -> Path:
+    """A Markdown report: ``# title`` and one ``## head`` section per (head, body), atomically."""
     text = [f"# {title}", ""]
     for head, body in sections:
         text += [f"## {head}", "", body.strip(), ""]
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text("\n".join(text))
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(text))
     return Path(path)
 
 
+def finish(out: Path, name: str, title: str, sections: list[tuple[str, str]], *, quick: bool, wall: float,
+           files: list[str], **results) -> dict:
+    """Write ``report.md`` (the ``sections`` then a "Files" section) and ``summary.json``
+    ({name, quick, wall_s} plus ``results``); return the summary."""
+    write_report(out / "report.md", title, [*sections, ("Files", ", ".join(files))])
+    summary = {"name": name, "quick": quick, "wall_s": wall, **results}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+# ---- tables built row by row ------------------------------------------------------------
+
+
+def append_row(table: dict, **values) -> None:
+    """Append one value to each named column of ``table`` (dict name -> list)."""
+    for k, v in values.items():
+        table[k].append(v)
+
+
+def append_rows(table: dict, **columns) -> None:
+    """Append rows to ``table``: a sequence gives one value per row (all of equal length), a
+    scalar (or a string) is repeated on every row."""
+    seqs = {k: v for k, v in columns.items() if not isinstance(v, (str, bytes)) and np.ndim(v) > 0}
+    lengths = {len(v) for v in seqs.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"append_rows needs sequences of one length, got {sorted(lengths)}")
+    (n,) = lengths
+    for i in range(n):
+        for k, v in columns.items():
+            table[k].append(v[i] if k in seqs else v)
+
+
+def log_certificate(table: dict, problem, a, w, *, F_star: float | None = None, **values) -> dict:
+    """Certify the particles (:func:`mfld.duality.certify`) and append one row to ``table``:
+    ``values``, plus those of ``dual_lower``, ``primal_upper`` and ``Fstar_minus_D`` (= F_star
+    - dual_lower, with ``F_star``) that are columns of the table. Returns the certificate."""
+    from mfld import duality
+
+    c = duality.certify(problem, a, w)
+    cert = {"dual_lower": c["dual_lower"], "primal_upper": c["primal_upper"]}
+    if F_star is not None:
+        cert["Fstar_minus_D"] = F_star - c["dual_lower"]
+    append_row(table, **values, **{k: v for k, v in cert.items() if k in table})
+    return c
+
+
+def certify_callback(table: dict, problem, *, F_star: float | None = None, keep=None):
+    """A :func:`mfld.dynamics.simulate` callback that, at each record ``row`` for which
+    ``keep(row)`` (default: every record), appends ``t``, ``risk`` (from the row) and the
+    certificate (:func:`log_certificate`) to ``table``; it never stops the run."""
+
+    def cb(state, row):
+        if keep is None or keep(row):
+            log_certificate(table, problem, state.a, state.w, F_star=F_star, t=row["t"], risk=row["risk"])
+        return False
+
+    return cb
+
+
 def pyplot():
-    """matplotlib.pyplot with the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    """matplotlib.pyplot with the non-interactive Agg backend (:func:`mfld.app.plots.pyplot`)."""
+    return _plots.pyplot()
 
 
 def no_minor_labels(ax):
@@ -106,12 +146,8 @@ def no_minor_labels(ax):
 
 
 def savefig(fig, path) -> Path:
-    fig.tight_layout()
-    tmp = str(path) + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    pyplot().close(fig)
-    return Path(path)
+    """Tight layout, 110 dpi, written atomically and closed (:func:`mfld.app.plots.save_figure`)."""
+    return _plots.save_figure(fig, path, dpi=110, tight_layout=True, bbox_inches=None)
 
 
 def fit_power(h, err, confidence: float = 0.95) -> dict:

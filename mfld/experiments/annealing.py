@@ -72,23 +72,16 @@ def run(out_dir, quick: bool = False) -> dict:
             _, h = dynamics.simulate(pb, st, stp, steps, record_every=every)
             taus = np.asarray(dynamics.temperature(pb, stp, np.asarray(h["t"])), dtype=np.float64) * np.ones(len(h))
             f0 = np.asarray(h["reg_risk"])
-            for i in range(len(h)):
-                curves["run"].append(name)
-                curves["t"].append(h["t"][i])
-                curves["risk"].append(h["risk"][i])
-                curves["F0"].append(f0[i])
-                curves["tau"].append(float(taus[i]))
+            C.append_rows(curves, run=name, t=h["t"], risk=h["risk"], F0=f0, tau=[float(v) for v in taus])
             tail = slice(len(h) - max(10, len(h) // 10), None)
             ft = f0[tail]
             blocks = np.array([b.mean() for b in np.array_split(ft, 5)])
             wm = window_means(h["t"], f0, edges)
-            rows["run"].append(name)
-            rows["final_tau"].append(float(taus[-1]))
-            rows["final_F0"].append(float(ft.mean()))
-            rows["final_F0_se"].append(float(blocks.std(ddof=1) / math.sqrt(5)))
-            rows["final_risk"].append(float(np.mean(np.asarray(h["risk"])[tail])))
-            rows["min_window_F0"].append(float(wm[:, 1].min()) if len(wm) else math.nan)
-            rows["equipartition_D_tau_over_2"].append(D * float(taus[-1]) / 2)
+            C.append_row(rows, run=name, final_tau=float(taus[-1]), final_F0=float(ft.mean()),
+                         final_F0_se=float(blocks.std(ddof=1) / math.sqrt(5)),
+                         final_risk=float(np.mean(np.asarray(h["risk"])[tail])),
+                         min_window_F0=float(wm[:, 1].min()) if len(wm) else math.nan,
+                         equipartition_D_tau_over_2=D * float(taus[-1]) / 2)
     C.write_csv(out / "annealing.csv", curves)
     C.write_csv(out / "final.csv", rows)
     plt = C.pyplot()
@@ -126,7 +119,7 @@ def run(out_dir, quick: bool = False) -> dict:
         ladder.append(f"{rows['final_F0'][i] - rows['final_F0'][j]:.4g} measured vs "
                       f"{D * (rows['final_tau'][i] - rows['final_tau'][j]) / 2:.4g} predicted between tau = "
                       f"{rows['final_tau'][i]:.3g} and {rows['final_tau'][j]:.3g}")
-    C.write_report(out / "report.md", "Annealing the temperature", [
+    return C.finish(out, NAME, "Annealing the temperature", [
         ("Setting", f"Teacher-student, n = {len(ds.y)} noiseless targets, d = 1 with bias (D = {D}), tanh, "
                     f"squared loss, lam = {lam:g}; N = {n_part}, eta = {eta}, {steps} steps (t up to {T_end:g}), "
                     f"records every {every} steps; c = {c:g}. {'Quick' if quick else 'Full'} setting; wall time "
@@ -151,8 +144,6 @@ def run(out_dir, quick: bool = False) -> dict:
                     + f". The annealed run ends {z:+.1f} SE from the cold fixed temperature it anneals to. "
                     "Differences between the fixed-tau plateaus against equipartition D (tau_1 - tau_2)/2: "
                     + "; ".join(ladder) + "."),
-        ("Files", "annealing.png, annealing.csv (every record), final.csv"),
-    ])
-    summary = {"name": NAME, "quick": quick, "wall_s": wall, "final": rows, "z_annealed_vs_cold": z}
-    C.write_json(out / "summary.json", summary)
-    return summary
+    ], quick=quick, wall=wall,
+                    files=["annealing.png", "annealing.csv (every record)", "final.csv"],
+                    final=rows, z_annealed_vs_cold=z)

@@ -192,7 +192,7 @@ def run(out_dir, quick: bool = False) -> dict:
             "within_0.25": [bool(abs(fits[k]["slope"] - expected[k]) <= 0.25) for k in fits]}
     C.write_csv(out / "slopes.csv", ftab)
     wall = time.perf_counter() - t_wall
-    C.write_report(out / "report.md", "Discretisation errors: particles and time step", [
+    return C.finish(out, NAME, "Discretisation errors: particles and time step", [
         ("Setting", f"Linear activation, squared loss, d = 1 without bias, n = {len(y)}, lam = {lam}, tau = {tau}; "
                     f"rho*, F* = {opt.free_energy:.6g} and the N = infinity scheme laws in closed form "
                     f"(mfld.reference). Against N: eta = {eta}, burn-in {cfg['burn']} steps, average over "
@@ -213,9 +213,7 @@ def run(out_dir, quick: bool = False) -> dict:
         ("Against eta (exact recursion)", C.md_table(e_rows)),
         ("Particle check of the recursion", "Time-averaged Var(a) of N particles against the recursion's "
                                             "fixed point (z-score with the sampling SE):\n\n" + C.md_table(c_rows)),
-        ("Files", "error_vs_N_and_eta.png, error_vs_N.csv, error_vs_eta.csv, particle_check.csv, slopes.csv"),
-    ])
-    summary = {"name": NAME, "quick": quick, "wall_s": wall, "fits": fits, "expected": expected,
-               "particle_check": c_rows}
-    C.write_json(out / "summary.json", summary)
-    return summary
+    ], quick=quick, wall=wall,
+                    files=["error_vs_N_and_eta.png", "error_vs_N.csv", "error_vs_eta.csv", "particle_check.csv",
+                           "slopes.csv"],
+                    fits=fits, expected=expected, particle_check=c_rows)

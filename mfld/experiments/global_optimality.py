@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfld import data, duality, dynamics, network
+from mfld import data, dynamics, network
 from mfld.experiments import _common as C
 from mfld.optimum import solve_optimum
 from mfld.problem import Problem
@@ -62,32 +62,17 @@ def run(out_dir, quick: bool = False) -> dict:
         for name, (a0, w0) in _inits(pb, n_part, 0).items():
             st = dynamics.ParticleState(jnp.asarray(a0), jnp.asarray(w0), jnp.asarray(0, jnp.int32), dyn_key)
             tr = {"t": [], "dual_lower": [], "primal_upper": [], "risk": []}
-
-            def cb(s, row, tr=tr):
-                if row["step"] > every and row["step"] % every:
-                    return False
-                c = duality.certify(pb, s.a, s.w)
-                tr["t"].append(row["t"])
-                tr["dual_lower"].append(c["dual_lower"])
-                tr["primal_upper"].append(c["primal_upper"])
-                tr["risk"].append(row["risk"])
-                return False
-
+            cb = C.certify_callback(tr, pb, keep=lambda row: not (row["step"] > every and row["step"] % every))
             st, _ = dynamics.simulate(pb, st, dynamics.Langevin(eta), steps, record_every=early, callback=cb,
                                       recorder=_risk)
             d = np.asarray(tr["dual_lower"])
             tail = d[-max(2, len(d) // 4):]
             f = np.asarray(network.predict(pb, st.a, st.w))
             finals[name] = f
-            for k, v in (("init", name), ("dual_lower_final", d[-1]), ("primal_upper_final", tr["primal_upper"][-1]),
-                         ("Fstar_minus_D_avg", float(opt.F_star - tail.mean())),
-                         ("Fstar_minus_D_sd", float(tail.std(ddof=1))), ("risk_final", tr["risk"][-1]),
-                         ("max_abs_f_minus_fstar", float(np.max(np.abs(f - opt.f))))):
-                rows[k].append(v)
-            for i in range(len(tr["t"])):
-                curves["init"].append(name)
-                for k in ("t", "dual_lower", "primal_upper", "risk"):
-                    curves[k].append(tr[k][i])
+            C.append_row(rows, init=name, dual_lower_final=d[-1], primal_upper_final=tr["primal_upper"][-1],
+                         Fstar_minus_D_avg=float(opt.F_star - tail.mean()), Fstar_minus_D_sd=float(tail.std(ddof=1)),
+                         risk_final=tr["risk"][-1], max_abs_f_minus_fstar=float(np.max(np.abs(f - opt.f))))
+            C.append_rows(curves, init=name, **tr)
     C.write_csv(out / "final.csv", rows)
     C.write_csv(out / "certificates.csv", curves)
     plt = C.pyplot()
@@ -123,7 +108,7 @@ def run(out_dir, quick: bool = False) -> dict:
     avg = np.asarray(rows["Fstar_minus_D_avg"])
     z_max = float(max(abs(avg[i] - avg[j]) / np.hypot(ses[i], ses[j])
                       for i in range(len(avg)) for j in range(i + 1, len(avg))))
-    C.write_report(out / "report.md", "Global optimality: different initialisations, one F*", [
+    return C.finish(out, NAME, "Global optimality: different initialisations, one F*", [
         ("Setting", f"Teacher-student, n = {len(ds.y)}, d = 1 with bias, tanh, squared loss, lam = 0.2, tau = 0.05; "
                     f"N = {n_part} particles, eta = {eta}, {steps} steps; certificates every {early} steps up "
                     f"to step {every}, then every {every} steps (quadrature, certified). All five starts use "
@@ -145,9 +130,7 @@ def run(out_dir, quick: bool = False) -> dict:
                     "Each start's "
                     "F* - D(u) falls to the same floor, which is the O(1/N) particle error plus the O(eta^2) "
                     "time-step bias, not a different optimum."),
-        ("Files", "global_optimality.png, final.csv, certificates.csv"),
-    ])
-    summary = {"name": NAME, "quick": quick, "wall_s": wall, "F_star": opt.F_star, "F_star_err": opt.F_star_err,
-               "final": rows, "spread_dual_lower": spread, "max_pairwise_z": z_max}
-    C.write_json(out / "summary.json", summary)
-    return summary
+    ], quick=quick, wall=wall,
+                    files=["global_optimality.png", "final.csv", "certificates.csv"],
+                    F_star=opt.F_star, F_star_err=opt.F_star_err, final=rows, spread_dual_lower=spread,
+                    max_pairwise_z=z_max)

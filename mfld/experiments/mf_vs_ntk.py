@@ -213,7 +213,7 @@ def run(out_dir, quick: bool = False) -> dict:
     wall = time.perf_counter() - t_wall
     ftab = {"quantity": list(fits), "slope_in_N": [fits[k]["slope"] for k in fits],
             "ci_low": [fits[k]["ci_low"] for k in fits], "ci_high": [fits[k]["ci_high"] for k in fits]}
-    C.write_report(out / "report.md", "Mean-field against NTK scaling", [
+    return C.finish(out, NAME, "Mean-field against NTK scaling", [
         ("Setting", f"Teacher-student (tanh teacher of width 3), n = {len(y)} training and {len(y_test)} test points, "
                     f"d = 1 with bias, squared loss, lam = 1e-3, tau = 0 (noiseless, THEORY 8), {steps} steps of "
                     f"eta = {eta} (T = {T:g}) in both scalings (mean field: learning rate N eta on the raw "
@@ -243,8 +243,6 @@ def run(out_dir, quick: bool = False) -> dict:
                                      "generalises better on a given task (the test risks here are "
                                      "task-specific), nor the constants in front of the rates. There is no "
                                      "free energy or certificate under NTK scaling (mfld refuses them)."),
-        ("Files", "mf_vs_ntk.png, mf_vs_ntk.csv, kernel_limit.csv"),
-    ])
-    summary = {"name": NAME, "quick": quick, "wall_s": wall, "rows": rows, "fits": fits, "kernel_limit": kr}
-    C.write_json(out / "summary.json", summary)
-    return summary
+    ], quick=quick, wall=wall,
+                    files=["mf_vs_ntk.png", "mf_vs_ntk.csv", "kernel_limit.csv"],
+                    rows=rows, fits=fits, kernel_limit=kr)

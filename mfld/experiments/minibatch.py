@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfld import data, duality, dynamics, network
+from mfld import data, dynamics, network
 from mfld.experiments import _common as C
 from mfld.optimum import solve_optimum
 from mfld.problem import Problem
@@ -111,13 +111,8 @@ def run(out_dir, quick: bool = False) -> dict:
         st0 = dynamics.init_particles(pb, n_part, 0)
 
         def log(method, b, ep, t, a, w):
-            c = duality.certify(pb, a, w)
-            curves["method"].append(method)
-            curves["b"].append(b)
-            curves["epochs"].append(float(ep))
-            curves["t"].append(float(t))
-            curves["Fstar_minus_D"].append(opt.F_star - c["dual_lower"])
-            curves["risk"].append(float(network.risk(pb, network.predict(pb, a, w))))
+            C.log_certificate(curves, pb, a, w, F_star=opt.F_star, method=method, b=b, epochs=float(ep), t=float(t),
+                              risk=float(network.risk(pb, network.predict(pb, a, w))))
 
         def plain(name, b):
             steps_per_epoch = n // b
@@ -245,7 +240,7 @@ def run(out_dir, quick: bool = False) -> dict:
                     "|halves_z| <= 4).")
     if quick:
         reading += " Quick setting: the runs are short and not all stationary; the numbers are a smoke test."
-    C.write_report(out / "report.md", "Minibatch noise and variance reduction", [
+    return C.finish(out, NAME, "Minibatch noise and variance reduction", [
         ("Setting", f"Teacher-student, n = {n}, d = 1 with bias, tanh, squared loss, lam = {lam}, tau = {tau}, "
                     f"N = {n_part}, eta = {eta}; the same start for every method; budget {budget} epochs of "
                     f"gradient cost per method (full batch: n per step; minibatch: b per step; SVRG: n per "
@@ -267,9 +262,7 @@ def run(out_dir, quick: bool = False) -> dict:
                                      "method is ahead early (at equal cost minibatch steps cover more time t); "
                                      "and the theory's rates are not sharp at these sizes."),
         ("Reading", reading),
-        ("Files", "minibatch.png, minibatch.csv (every record), stationary.csv"),
-    ])
-    summary = {"name": NAME, "quick": quick, "wall_s": wall, "stationary": rows, "F_star": opt.F_star,
-               "variance_law": law, "z_minibatch_vs_full": z_mb_vs_full, "z_svrg_vs_full": z_svrg_vs_full}
-    C.write_json(out / "summary.json", summary)
-    return summary
+    ], quick=quick, wall=wall,
+                    files=["minibatch.png", "minibatch.csv (every record)", "stationary.csv"],
+                    stationary=rows, F_star=opt.F_star, variance_law=law, z_minibatch_vs_full=z_mb_vs_full,
+                    z_svrg_vs_full=z_svrg_vs_full)
