@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import logsumexp
 
+from mfld.entropy import upcast_particles as _upcast
 from mfld.errors import ConfigError, TheoryNotApplicable
 
 __all__ = [
@@ -187,14 +188,6 @@ def residual_weights(problem, a, w) -> np.ndarray:
     spec = _spec(problem)
     a, w = _upcast(a, w)
     return spec.loss_deriv(_network_output(spec, a, w), spec.y)
-
-
-def _upcast(a, w):
-    a = np.asarray(a, dtype=np.float64).reshape(-1)
-    w = np.asarray(w, dtype=np.float64)
-    if w.ndim == 1:
-        w = w[:, None]
-    return a, w
 
 
 # ---------------------------------------------------------------------------------------

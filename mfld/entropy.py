@@ -24,7 +24,7 @@ from scipy.special import digamma, gammaln
 
 from mfld.errors import ConfigError
 
-__all__ = ["RELIABLE_MAX_DIM", "knn_entropy", "free_energy_estimate", "particle_entropy"]
+__all__ = ["RELIABLE_MAX_DIM", "knn_entropy", "free_energy_estimate", "particle_entropy", "upcast_particles"]
 
 #: Largest particle dimension D for which the k-NN entropy is treated as reliable.
 RELIABLE_MAX_DIM = 5
@@ -60,6 +60,15 @@ def knn_entropy(x, k: int = 3) -> float:
     return float(digamma(n) - digamma(k) + log_vd + dim * np.mean(np.log(eps)))
 
 
+def upcast_particles(a, w) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 NumPy copies: a (N,), w (N, p) (a 1-D w is one weight per particle)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    w = np.asarray(w, dtype=np.float64)
+    if w.ndim == 1:
+        w = w[:, None]
+    return a, w
+
+
 def particle_entropy(problem, a, w, k: int = 3) -> float:
     """Entropy estimate of the particles' law in the trained coordinates.
 
@@ -67,10 +76,7 @@ def particle_entropy(problem, a, w, k: int = 3) -> float:
     mass-weighted sum over the sign groups, sum_s pi_s H(rho_s) with pi_s the groups'
     particle fractions (the entropy convention of THEORY section 8).
     """
-    a = np.asarray(a, dtype=np.float64).reshape(-1)
-    w = np.asarray(w, dtype=np.float64)
-    if w.ndim == 1:
-        w = w[:, None]
+    a, w = upcast_particles(a, w)
     if problem.output == "fixed":
         total = 0.0
         for s in (1.0, -1.0):
@@ -93,10 +99,7 @@ def free_energy_estimate(problem, a, w, k: int = 3) -> dict:
     from mfld.duality import _network_output, _spec  # local import: duality imports this module
 
     spec = _spec(problem, need_tau=False)
-    a64 = np.asarray(a, dtype=np.float64).reshape(-1)
-    w64 = np.asarray(w, dtype=np.float64)
-    if w64.ndim == 1:
-        w64 = w64[:, None]
+    a64, w64 = upcast_particles(a, w)
     f = _network_output(spec, a64, w64)
     risk = float(np.mean(spec.loss_value(f, spec.y)))
     m2 = float(np.mean(np.sum(w64 * w64, axis=1)))
