@@ -8,7 +8,8 @@ reuses shared work (e.g. ``tanh``: sigma' = 1 - sigma^2), and the constants
 Float64 NumPy forms (for the dual, the references and the data generators, which compute
 in float64 whatever the particles' precision): :meth:`Activation.np_fn` and
 :meth:`Activation.np_value_and_derivative`. The registry's activations have NumPy/SciPy
-implementations; a user callable is evaluated by JAX in a scoped ``jax.enable_x64`` context.
+implementations (:mod:`mfld.activations_numpy`, importable without JAX); a user callable is
+evaluated by JAX in a scoped ``jax.enable_x64`` context.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.special as _sps
 from jax.scipy.special import erf as _erf
 
+from mfld.activations_numpy import NUMPY_FORMS
 from mfld.errors import ConfigError
 
 _SQRT2 = math.sqrt(2.0)
@@ -119,74 +120,24 @@ def _linear_vd(z):
     return z, jnp.ones_like(z)
 
 
-# ---- float64 NumPy forms -----------------------------------------------------------------
-
-
-def _np_tanh_vd(z):
-    s = np.tanh(z)
-    return s, 1.0 - s * s
-
-
-def _np_sigmoid_vd(z):
-    s = _sps.expit(z)
-    return s, s * (1.0 - s)
-
-
-def _np_erf_vd(z):
-    return _sps.erf(z), (2.0 / math.sqrt(math.pi)) * np.exp(-z * z)
-
-
-def _np_relu_vd(z):
-    return np.maximum(z, 0.0), (z > 0).astype(np.float64)
-
-
-def _np_softplus_vd(z):
-    return np.logaddexp(0.0, z), _sps.expit(z)
-
-
-def _np_gelu(z):
-    return 0.5 * z * (1.0 + _sps.erf(z / _SQRT2))
-
-
-def _np_gelu_vd(z):
-    cdf = 0.5 * (1.0 + _sps.erf(z / _SQRT2))
-    return z * cdf, cdf + z * (_INV_SQRT2PI * np.exp(-0.5 * z * z))
-
-
-def _np_linear_vd(z):
-    return z, np.ones_like(z)
-
-
-def _np_relu(z):
-    return np.maximum(z, 0.0)
-
-
-def _np_softplus(z):
-    return np.logaddexp(0.0, z)
-
-
-def _np_linear(z):
-    return z
-
-
 # sup |gelu'(z)| = 1 + sqrt(2) * phi(sqrt(2)) ... attained at z = sqrt(2): cdf(sqrt2) + sqrt2 pdf(sqrt2)
 _GELU_DSUP = 0.5 * (1.0 + math.erf(1.0)) + _SQRT2 * _INV_SQRT2PI * math.exp(-1.0)
 
 ACTIVATIONS: dict[str, Activation] = {
     "tanh": Activation("tanh", jnp.tanh, _tanh_vd, 1.0, 1.0, odd=True,
-        numpy_fn=np.tanh, numpy_vd=_np_tanh_vd),
+        numpy_fn=NUMPY_FORMS["tanh"][0], numpy_vd=NUMPY_FORMS["tanh"][1]),
     "sigmoid": Activation("sigmoid", jax.nn.sigmoid, _sigmoid_vd, 1.0, 0.25,
-        numpy_fn=_sps.expit, numpy_vd=_np_sigmoid_vd),
+        numpy_fn=NUMPY_FORMS["sigmoid"][0], numpy_vd=NUMPY_FORMS["sigmoid"][1]),
     "erf": Activation("erf", _erf, _erf_vd, 1.0, 2.0 / math.sqrt(math.pi), odd=True,
-        numpy_fn=_sps.erf, numpy_vd=_np_erf_vd),
+        numpy_fn=NUMPY_FORMS["erf"][0], numpy_vd=NUMPY_FORMS["erf"][1]),
     "relu": Activation("relu", lambda z: jnp.maximum(z, 0.0), _relu_vd, None, 1.0,
-        numpy_fn=_np_relu, numpy_vd=_np_relu_vd),
+        numpy_fn=NUMPY_FORMS["relu"][0], numpy_vd=NUMPY_FORMS["relu"][1]),
     "softplus": Activation("softplus", jax.nn.softplus, _softplus_vd, None, 1.0,
-        numpy_fn=_np_softplus, numpy_vd=_np_softplus_vd),
+        numpy_fn=NUMPY_FORMS["softplus"][0], numpy_vd=NUMPY_FORMS["softplus"][1]),
     "gelu": Activation("gelu", _gelu, _gelu_vd, None, _GELU_DSUP,
-        numpy_fn=_np_gelu, numpy_vd=_np_gelu_vd),
+        numpy_fn=NUMPY_FORMS["gelu"][0], numpy_vd=NUMPY_FORMS["gelu"][1]),
     "linear": Activation("linear", lambda z: z, _linear_vd, None, 1.0, odd=True,
-        numpy_fn=_np_linear, numpy_vd=_np_linear_vd),
+        numpy_fn=NUMPY_FORMS["linear"][0], numpy_vd=NUMPY_FORMS["linear"][1]),
 }
 
 

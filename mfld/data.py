@@ -38,11 +38,11 @@ class Dataset:
 
 
 def _np_activation(name: str):
-    """The registry activation ``name`` as a float64 NumPy function."""
-    from mfld.activations import ACTIVATIONS
+    """The registry activation ``name`` as a float64 NumPy function (no JAX import)."""
+    from mfld.activations_numpy import NUMPY_FORMS
 
-    _choice(name, "data.params.activation", tuple(ACTIVATIONS))
-    return ACTIVATIONS[name].np_fn
+    _choice(name, "data.params.activation", tuple(NUMPY_FORMS))
+    return NUMPY_FORMS[name][0]
 
 
 def teacher_student(n: int = 64, d: int = 1, *, teacher_width: int = 3, noise: float = 0.05,
