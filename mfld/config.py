@@ -225,11 +225,15 @@ def parse_value(text: str):
 
 
 def apply_overrides(data: dict, overrides: list[str] | dict | None) -> dict:
-    """Apply dotted overrides (``["objective.tau=0.01", ...]`` or a dict) to a config dict."""
+    """Apply dotted overrides (``["objective.tau=0.01", ...]``, YAML values, or a dict of Python
+    values such as ``{"objective.tau": 0.01}``) to a config dict."""
     data = _deepcopy(data or {})
     if not overrides:
         return data
-    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    # "--set key=value" texts are parsed as YAML; a dict's values are already Python values and
+    # are taken as they are (overrides={"name": "0"} names the run "0")
+    typed = isinstance(overrides, dict)
+    items = overrides.items() if typed else [_split(o) for o in overrides]
     valid = _all_paths(Config)
     for key, value in items:
         parts = key.split(".")
@@ -254,7 +258,7 @@ def apply_overrides(data: dict, overrides: list[str] | dict | None) -> dict:
                 raise ConfigError(f"invalid value {_short(nxt)} (needed by --set {key})", field=where,
                                   allowed="a mapping of fields (a section)")
             node = nxt
-        node[parts[-1]] = parse_value(value) if isinstance(value, str) else value
+        node[parts[-1]] = value if typed or not isinstance(value, str) else parse_value(value)
     return data
 
 
