@@ -90,8 +90,7 @@ def run(config, overrides, out, x64, overwrite, resume, quiet, devices, threads,
         from mfld.sharding import configure_cpu
 
         configure_cpu(threads=threads, devices=devices)
-    from mfld import config as cfgmod
-    from mfld.app import runner  # no JAX at import: config, data and run-directory checks first
+    from mfld.app import inputs  # no JAX at import: config, data and run-directory checks first
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other", field="--overwrite",
@@ -99,23 +98,20 @@ def run(config, overrides, out, x64, overwrite, resume, quiet, devices, threads,
     ov = list(overrides) + (["precision=float64"] if x64 else [])
     if resume and out is None and config is not None and os.path.isdir(config):
         config, out = None, config  # mfld run --resume RUN_DIR
-    # the config (a resume must match the stored one) and its data, validated before JAX is imported
-    cfg = runner.resolve_resume_config(out, config, ov) if resume else cfgmod.load(config, ov)
-    if resume:
-        from mfld.app.replot import load_dataset
-
-        dataset = load_dataset(out, cfg)  # the run's own data (stored arrays, or the same file)
-    else:
-        dataset = runner.make_dataset(cfg)
-    runner.check_data(cfg, dataset)
+    # the config (a resume must match the stored one) and its data (a resume: the run's own),
+    # validated before JAX is imported; the runner takes them as they are
+    prep = inputs.prepare(config, ov, out=out, resume=resume)
+    cfg = prep.config
     _set_x64(cfg.precision == "float64")
     writer = _join_processes(coordinator, num_processes, process_id)
+    from mfld.app import runner
+
     if not writer:  # only process 0 writes; the others compute their share and read a resumed run
-        runner.run(cfg, out=out, resume=resume, progress=False, dataset=dataset, devices=devices, write=False,
-                   handle_signals=False)
+        runner.run(prep, out=out, resume=resume, progress=False, devices=devices, write=False,
+                   handle_signals=False, follower=True)
         return
-    res = runner.run(cfg, out=out, overwrite=overwrite, resume=resume, progress=not quiet and cfg.record.progress,
-                     dataset=dataset, devices=devices)
+    res = runner.run(prep, out=out, overwrite=overwrite, resume=resume, progress=not quiet and cfg.record.progress,
+                     devices=devices)
     _print_summary(res)
     status = res.summary.get("status")
     if status == "diverged":
@@ -169,7 +165,7 @@ def config_cmd(plain):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def validate(config, overrides):
     """Check CONFIG without running it."""
-    from mfld.app.runner import validate_inputs  # the config and its data; no JAX
+    from mfld.app.inputs import validate_inputs  # the config and its data; no JAX
 
     cfg = validate_inputs(config, list(overrides))
     click.echo(f"ok: {config} ({cfg.model.n_particles} particles, {cfg.dynamics.steps} steps)")

@@ -13,6 +13,7 @@ config fails before JAX is imported.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 from mfld.cli import main
+from mfld.errors import ConfigError
 
 TINY = ["--set", "model.n_particles=8", "--set", "dynamics.steps=4", "--set", "record.every=2",
         "--set", "record.checkpoint_every=0", "--set", "record.certify_every=0", "--set", "record.optimum=false",
@@ -125,6 +127,15 @@ CASES = [
      "data.params.path", "(4, 2, 2)"),
     ("logistic-on-regression", lambda t: ["--set", "objective.loss=logistic"], "objective.loss", "labels"),
     ("batch-larger-than-data", lambda t: ["--set", "dynamics.batch_size=1000"], "dynamics.batch_size", "1000"),
+    # certificate settings that would fail at the first record, after the run directory is written
+    ("certify-quadrature-dim-w-3", lambda t: ["--set", "data.params.d=2", "--set", "record.certify_every=2",
+                                              "--set", "record.certify_method=quadrature"],
+     "record.certify_method", "dim(w) = 3"),
+    ("particles-too-few-for-knn-entropy", lambda t: ["--set", "model.n_particles=3", "--set",
+                                                     "record.certify_every=2"], "model.n_particles", "3"),
+    ("fixed-sign-group-too-small-for-knn-entropy", lambda t: [
+        "--set", "model.output=fixed", "--set", "model.n_particles=20", "--set", "model.init.plus_fraction=0.1",
+        "--set", "record.certify_every=2"], "model.n_particles", "sign group"),
     ("resume-nothing", lambda t: ["--resume", "--out", str(t / "none")], "--resume", "none"),
     ("resume-and-overwrite", lambda t: ["--resume", "--overwrite", "--out", str(t / "existing")], "--overwrite",
      "--resume"),
@@ -189,6 +200,28 @@ def test_validate_accepts_good_and_rejects_bad(tmp_path, capsys):
         main(["validate", str(good), "--set", "data.kind=file", "--set", f"data.params.path={csv}"])
     assert "NaN" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [good, bad, csv] or set(tmp_path.iterdir()) == {good, bad, csv}
+
+
+def test_certificate_checks_only_when_certificates_are_on(tmp_path, capsys):
+    """The up-front certificate checks refuse exactly what would fail later: with certificates
+    off, or where they are not defined (tau = 0), 3 particles and quadrature on dim(w) = 3 run."""
+    from mfld.app.inputs import KNN_K, validate_inputs
+    from mfld.entropy import free_energy_estimate, knn_entropy
+
+    # the checks' k is the one the certificates use (mfld.entropy's default neighbour order)
+    assert KNN_K == inspect.signature(free_energy_estimate).parameters["k"].default
+    assert KNN_K == inspect.signature(knn_entropy).parameters["k"].default
+    knn_entropy(np.arange(KNN_K + 1.0))  # the smallest group the check lets through is estimable
+    with pytest.raises(ConfigError):
+        knn_entropy(np.arange(float(KNN_K)))  # ... and one fewer is not
+    few = {"model.n_particles": 3, "data.params.d": 2, "record.certify_method": "quadrature",
+           "record.every": 2, "record.checkpoint_every": 0}
+    for ok in ({"record.certify_every": 0}, {"record.certify_every": 2, "objective.tau": 0.0},
+               {"record.certify_every": 2, "model.scaling": "ntk"}):
+        validate_inputs(None, {**few, **ok})
+    main(["run", *TINY, "--set", "model.n_particles=3", "--set", "data.params.d=2", "--set",
+          "record.certify_method=quadrature", "--out", str(tmp_path / "r")])
+    assert "status=completed" in capsys.readouterr().out
 
 
 def test_config_errors_fail_before_jax_is_imported(tmp_path):

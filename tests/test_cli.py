@@ -197,3 +197,71 @@ def test_user_data_file_and_arrays_replot_and_change_detection(tmp_path, capsys)
     main(["run", "--resume", str(res.run_dir), "--set", "dynamics.steps=40", "--quiet"])
     again = mfld.load_run(res.run_dir)
     assert again.step == 40 and again.summary["resumed_from_step"] == 20
+
+
+def test_entropy_note_when_the_particle_dimension_exceeds_five():
+    """d = 5 inputs + bias + a: particle dimension 7 > RELIABLE_MAX_DIM; the summary says so once
+    (the entropy_reliable column is 0); at d = 1 (dimension 3) nothing is said."""
+    from mfld.app import runner
+
+    base = {"model.n_particles": 32, "dynamics.steps": 10, "record.every": 10, "record.certify_every": 10,
+            "record.certify_samples": 256, "record.optimum": False, "record.checkpoint_every": 0}
+    res = runner.run(overrides={**base, "data.params.d": 5}, progress=False, write=False)
+    assert np.all(res.metrics["entropy_reliable"] == 0.0)
+    hits = [n for n in res.notes if "k-NN entropy" in n]
+    assert len(hits) == 1 and "dimension 7 > 5" in hits[0], res.notes
+    res1 = runner.run(overrides=base, progress=False, write=False)
+    assert np.all(res1.metrics["entropy_reliable"] == 1.0)
+    assert not [n for n in res1.notes if "k-NN entropy" in n]
+
+
+def test_fixed_layer_certificates_use_the_particles_sign_fraction():
+    """N = 20, plus_fraction 0.325: round(6.5) = 6 particles have a = +1, a fraction 0.3. The
+    certificate of the run is that of the particles' mixture (0.3), not of the config's 0.325."""
+    from mfld import duality
+    from mfld.app import runner
+
+    res = runner.run(overrides={"model.output": "fixed", "model.n_particles": 20, "model.init.plus_fraction": 0.325,
+                                "dynamics.steps": 10, "record.every": 10, "record.certify_every": 10,
+                                "record.optimum": True, "record.checkpoint_every": 0},
+                     progress=False, write=False)
+    a = np.asarray(res.state.a)
+    assert np.mean(a > 0) == 0.3
+    assert res.optimum.plus_fraction == 0.3
+    kw = {"method": res.config.record.certify_method, "n_samples": res.config.record.certify_samples,
+          "seed": res.config.seed, "optimum": res.optimum}
+    want = duality.certify(res.problem, res.state.a, res.state.w, plus_fraction=0.3, **kw)
+    other = duality.certify(res.problem, res.state.a, res.state.w, plus_fraction=0.325, **kw)
+    assert want["dual_lower"] != other["dual_lower"]  # the fraction matters at all
+    for k in ("dual_lower", "primal_upper", "gap"):
+        assert res.metrics[k][-1] == want[k], k  # the same float64 computation: bit for bit
+
+
+def test_certificates_available_is_check_applicable():
+    """The runner's reason is duality.check_applicable's TheoryNotApplicable message."""
+    from mfld import duality
+    from mfld.app import runner
+    from mfld.errors import TheoryNotApplicable
+    from mfld.problem import Problem
+
+    x, y = np.linspace(-1, 1, 8)[:, None], np.sin(np.linspace(-1, 1, 8))
+    assert runner.certificates_available(Problem.create(x, y, tau=0.1)) is None
+    for kw in ({"tau": 0.0}, {"tau": 0.1, "scaling": "ntk"}):
+        prob = Problem.create(x, y, **kw)
+        with pytest.raises(TheoryNotApplicable) as info:
+            duality.check_applicable(prob)
+        assert runner.certificates_available(prob) == str(info.value)
+
+
+def test_cli_resolves_and_checks_the_config_and_data_once(tmp_path, monkeypatch, capsys):
+    """`mfld run` prepares the config and its data once (before JAX) and the runner takes them."""
+    from mfld.app import inputs
+
+    calls = {"resolve": 0, "check": 0, "make": 0}
+    for name, key in (("resolve_config", "resolve"), ("check_data", "check"), ("make_dataset", "make")):
+        orig = getattr(inputs, name)
+        monkeypatch.setattr(inputs, name, lambda *a, _o=orig, _k=key, **k: (calls.__setitem__(_k, calls[_k] + 1),
+                                                                            _o(*a, **k))[1])
+    main(["run", *TINY, "--out", str(tmp_path / "r")])
+    assert calls == {"resolve": 1, "check": 1, "make": 1}
+    assert "status=completed" in capsys.readouterr().out

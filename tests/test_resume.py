@@ -305,3 +305,62 @@ def test_an_unexpected_error_leaves_a_consistent_directory(tmp_path, monkeypatch
     s = json.loads((run_dir / rundir.SUMMARY).read_text())
     assert s["status"] == "failed" and "injected failure" in s["reason"] and s["checkpoint_step"] is None
     assert (run_dir / rundir.CONFIG).exists() and not (run_dir / LOCK).exists()
+
+
+def test_resume_takes_the_lock_before_reading_the_run(tmp_path, capsys, monkeypatch):
+    """A resume reads env.json, the checkpoint and metrics.csv only under the run lock: with
+    the lock held elsewhere it is refused before any of them is read."""
+    from mfld.app import runner
+
+    run_dir = tmp_path / "r"
+    main(["run", *BASE, "--set", "dynamics.steps=20", "--out", str(run_dir)])
+    capsys.readouterr()
+    reads = []
+    for name in ("_read_json", "_restore"):
+        orig = getattr(runner, name)
+        monkeypatch.setattr(runner, name, lambda *a, _n=name, _o=orig, **k: (reads.append(_n), _o(*a, **k))[1])
+    orig_metrics = rundir.read_metrics
+    monkeypatch.setattr(rundir, "read_metrics", lambda *a, **k: (reads.append("metrics"), orig_metrics(*a, **k))[1])
+    with RunLock(run_dir):  # held by a live process
+        with pytest.raises(SystemExit) as info:
+            main(["run", "--resume", str(run_dir), "--set", "dynamics.steps=40", "--quiet"])
+    assert info.value.code == 2 and "in use by" in capsys.readouterr().err
+    assert reads == []
+    main(["run", "--resume", str(run_dir), "--set", "dynamics.steps=40", "--quiet"])  # free again: it reads
+    assert {"_read_json", "_restore", "metrics"} <= set(reads)
+    assert checkpoint_step(run_dir) == 40
+
+
+def test_resume_without_writing_is_refused(tmp_path):
+    """resume=True continues a run in its directory; write=False would silently drop that."""
+    run_dir = tmp_path / "r"
+    main(["run", *BASE, "--set", "dynamics.steps=20", "--out", str(run_dir)])
+    with pytest.raises(ConfigError) as info:
+        mfld.run(out=run_dir, resume=True, write=False, overrides={"dynamics.steps": 40})
+    assert info.value.field == "write"
+    assert checkpoint_step(run_dir) == 20
+
+
+def test_resume_keeps_the_stored_optimum(tmp_path, monkeypatch):
+    """A resumed run loads optimum.json instead of solving again: its F* is the stored one,
+    bit for bit (a second solve agrees only to the solver's tolerance)."""
+    import mfld.optimum
+
+    run_dir = tmp_path / "r"
+    args = ["--set", "model.n_particles=50", "--set", "record.every=10", "--set", "record.checkpoint_every=10",
+            "--set", "record.certify_every=10", "--set", "record.optimum=true", "--quiet"]
+    main(["run", *args, "--set", "dynamics.steps=20", "--out", str(run_dir)])
+    stored = json.loads((run_dir / rundir.OPTIMUM).read_text())
+
+    def no_second_solve(*a, **k):
+        raise AssertionError("the optimum was solved again on resume")
+
+    monkeypatch.setattr(mfld.optimum, "solve_optimum", no_second_solve)
+    main(["run", "--resume", str(run_dir), "--set", "dynamics.steps=40", "--quiet"])
+    summary = json.loads((run_dir / rundir.SUMMARY).read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == 20
+    assert summary["F_star"] == stored["F_star"] and summary["F_star_err"] == stored["F_star_err"]
+    m = rundir.read_metrics(run_dir / rundir.METRICS)
+    assert list(m["step"]) == [0, 10, 20, 30, 40]
+    assert np.all(m["F_star"] == stored["F_star"])
+    assert json.loads((run_dir / rundir.OPTIMUM).read_text()) == stored

@@ -41,10 +41,6 @@ def save_figure(fig, path, *, dpi: int = 120, tight_layout: bool = False, bbox_i
     return path
 
 
-_plt = pyplot  # the names mfld.app.sweep_cmd uses
-_save = save_figure
-
-
 def plot_risk(metrics: dict, path, title: str | None = None):
     """Train/test risk and regularised risk against t on a log scale."""
     plt = pyplot()

@@ -17,6 +17,17 @@ import numpy as np
 
 from mfld import config as cfgmod
 from mfld.app import rundir
+from mfld.app.inputs import (  # noqa: F401 - re-exported: the run's inputs (no JAX)
+    Prepared,
+    build_problem,
+    check_data,
+    data_fingerprint,
+    make_dataset,
+    prepare,
+    resolve_config,
+    resolve_resume_config,
+    validate_inputs,
+)
 from mfld.errors import ConfigError
 
 
@@ -33,110 +44,6 @@ class RunResult:
     dataset: object = None
     optimum: object = None
     notes: list = field(default_factory=list)
-
-
-def resolve_config(config=None, overrides=None) -> cfgmod.Config:
-    """Accept a Config, a dict, a YAML path or None (defaults), then apply overrides."""
-    if isinstance(config, cfgmod.Config):
-        return cfgmod.validate(cfgmod.apply_overrides(config.to_dict(), overrides))
-    if config is None or isinstance(config, dict):
-        return cfgmod.validate(cfgmod.apply_overrides(config or {}, overrides))
-    return cfgmod.load(config, overrides)
-
-
-def make_dataset(cfg: cfgmod.Config, x=None, y=None, x_test=None, y_test=None):
-    """The run's data: the user's arrays, or ``data.kind`` with ``data.params`` (NumPy only, no JAX)."""
-    from mfld import data
-
-    if x is not None or y is not None:
-        if x is None or y is None:
-            raise ConfigError("give both x and y", field="data")
-        return data.Dataset(np.asarray(x), np.asarray(y),
-                            None if x_test is None else np.asarray(x_test),
-                            None if y_test is None else np.asarray(y_test), {"kind": "arrays"})
-    seed = cfg.seed if cfg.data.seed is None else cfg.data.seed
-    return data.make_dataset(cfg.data.kind, seed=seed, **cfg.data.params)
-
-
-def check_data(cfg: cfgmod.Config, dataset) -> None:
-    """Checks of the data against the config that need no JAX (the shapes, NaN/inf and labels
-    are checked again by :meth:`mfld.problem.Problem.create`):
-
-    - labels in {-1, +1} for the logistic loss (train and test);
-    - for a user's data (a file or arrays): no constant input column and a non-constant target;
-    - ``dynamics.batch_size`` at most the number of training points.
-    """
-    where = "data.params.path" if cfg.data.kind == "file" and dataset.meta.get("kind") != "arrays" else "data"
-    x = np.asarray(dataset.x, dtype=np.float64)
-    y = np.asarray(dataset.y, dtype=np.float64)
-    if x.ndim == 1:
-        x = x[:, None]
-    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ConfigError(f"inputs of shape {x.shape} and targets of shape {y.shape} do not match", field=where,
-                          allowed="x of shape (n, d) and y of shape (n,) with n >= 1")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ConfigError("the data contain NaN or inf", field=where, allowed="finite numbers")
-    if cfg.objective.loss == "logistic":
-        for name, lab in (("y", y), ("y_test", dataset.y_test)):
-            if lab is None:
-                continue
-            lab = np.asarray(lab, dtype=np.float64)
-            bad = np.unique(lab[~np.isin(lab, (-1.0, 1.0))])
-            if bad.size:
-                raise ConfigError(f"the logistic loss needs labels -1 and +1 but {name} has "
-                                  f"{', '.join(f'{v:g}' for v in bad[:4])}{' ...' if bad.size > 4 else ''}",
-                                  field=where if where != "data" else
-                                  ("data.y" if dataset.meta.get("kind") == "arrays" else "objective.loss"),
-                                  allowed="labels in {-1, +1} (map 0/1 labels to -1/+1), or loss: squared")
-    user = cfg.data.kind == "file" or dataset.meta.get("kind") == "arrays"
-    if user and x.shape[0] >= 2:
-        const = [j for j in range(x.shape[1]) if np.all(x[:, j] == x[0, j])]
-        if const:
-            names = dataset.meta.get("x_columns") or _csv_input_names(cfg)
-            which = ", ".join(repr(names[j]) if names and j < len(names) else f"column {j}" for j in const[:3])
-            raise ConfigError(f"input {which} is constant (value {x[0, const[0]]:g})", field=where,
-                              allowed="inputs that vary (drop constant columns; model.bias adds the constant)")
-        if np.all(y == y[0]):
-            raise ConfigError(f"the target is constant (value {y[0]:g})", field=where,
-                              allowed="a target that varies")
-    bs = cfg.dynamics.batch_size
-    if bs is not None and bs > x.shape[0]:
-        raise ConfigError(f"the minibatch is larger than the {x.shape[0]} training points", field="dynamics.batch_size",
-                          value=bs, allowed=f"1..{x.shape[0]}, or null for full batch")
-
-
-def _csv_input_names(cfg) -> list | None:
-    """The input column names of a CSV data file (for messages), or None."""
-    import csv
-
-    p = cfg.data.params
-    path = str(p.get("path", ""))
-    if cfg.data.kind != "file" or not path.lower().endswith(".csv"):
-        return None
-    if p.get("x_columns") is not None:
-        return [p["x_columns"]] if isinstance(p["x_columns"], str) else list(p["x_columns"])
-    try:
-        with open(Path(path).expanduser(), newline="") as f:
-            header = [h.strip() for h in next(csv.reader(f))]
-    except (OSError, StopIteration):
-        return None
-    return [h for h in header if h != p.get("y_column", "y")]
-
-
-def validate_inputs(config=None, overrides=None):
-    """Everything ``mfld validate`` checks, without JAX: the config, then its data."""
-    cfg = resolve_config(config, overrides)
-    check_data(cfg, make_dataset(cfg))
-    return cfg
-
-
-def build_problem(cfg: cfgmod.Config, dataset):
-    from mfld.problem import Problem
-
-    return Problem.create(dataset.x, dataset.y, activation=cfg.model.activation, loss=cfg.objective.loss,
-                          lam=cfg.objective.lam, tau=cfg.objective.tau, bias=cfg.model.bias,
-                          output=cfg.model.output, r_out=cfg.model.r_out, scaling=cfg.model.scaling,
-                          x_test=dataset.x_test, y_test=dataset.y_test)
 
 
 def precision_context(precision: str):
@@ -156,53 +63,36 @@ def default_out_dir(cfg: cfgmod.Config) -> Path:
 
 
 def certificates_available(problem) -> str | None:
-    """None if the certificates are defined for this problem, else the reason they are not."""
-    if problem.tau <= 0:
-        return "certificates need tau > 0 (the entropy term, rho_hat and the dual are undefined at tau = 0)"
-    if problem.scaling != "mean_field":
-        return "certificates are defined for the mean-field scaling only (no free energy under NTK scaling)"
+    """None if the certificates are defined for this problem, else the reason they are not
+    (:func:`mfld.duality.check_applicable`: tau > 0 and the mean-field scaling)."""
+    from mfld.duality import check_applicable
+    from mfld.errors import TheoryNotApplicable
+
     try:
-        import mfld.duality  # noqa: F401
-    except ImportError:
-        return "the duality module is not available"
+        check_applicable(problem)
+    except TheoryNotApplicable as err:
+        return str(err)
     return None
-
-
-def resolve_resume_config(out, config=None, overrides=None) -> cfgmod.Config:
-    """The config of a resumed run: the stored one (``config.yaml`` of ``out``) with ``overrides``,
-    or ``config`` + ``overrides`` -- which must then equal the stored config except for the
-    fields in :data:`mfld.config.RESUME_MAY_CHANGE` (``dynamics.steps`` extends a run)."""
-    if out is None:
-        raise ConfigError("--resume needs the run directory", field="--resume", allowed="--out RUN_DIR")
-    path = Path(out) / rundir.CONFIG
-    if not path.is_file():
-        raise ConfigError("nothing to resume: no run in this directory", field="--resume", value=str(out),
-                          allowed="a run directory holding config.yaml")
-    try:
-        stored = cfgmod.validate(cfgmod.read_yaml(path))
-    except ConfigError as err:
-        raise ConfigError(f"the stored config is not valid ({err})", field="--resume", value=str(path)) from None
-    if config is None:
-        given = cfgmod.validate(cfgmod.apply_overrides(stored.to_dict(), overrides))
-    else:
-        given = resolve_config(config, overrides)
-    cfgmod.check_resumable(stored, given)
-    return given
 
 
 def run(config=None, *, overrides=None, x=None, y=None, x_test=None, y_test=None, out=None,
         overwrite: bool = False, resume: bool = False, progress: bool | None = None,
-        write: bool = True, handle_signals: bool = True, dataset=None, devices: int | None = None) -> RunResult:
+        write: bool = True, handle_signals: bool = True, dataset=None, devices: int | None = None,
+        follower: bool = False) -> RunResult:
     """Train a mean-field two-layer network by noisy gradient descent and record everything.
 
     Args:
         config: a :class:`mfld.config.Config`, a dict of config sections, a YAML path, or None
-            (with ``resume``: None means the run directory's stored config).
+            (with ``resume``: None means the run directory's stored config); or a
+            :class:`mfld.app.inputs.Prepared` from :func:`mfld.app.inputs.prepare` (config and
+            data already resolved and checked, for the same ``out`` and ``resume``: nothing is
+            resolved again; then no ``overrides``, ``x, y`` or ``dataset``).
         overrides: dotted overrides, e.g. ``{"objective.tau": 0.01}`` or ``["objective.tau=0.01"]``.
         x, y (, x_test, y_test): a user's own data as arrays (replaces the ``data`` section).
         out: run directory (default ``runs/<name>-<timestamp>``); ``write=False`` writes nothing.
         overwrite: replace an existing run in ``out``. resume: continue the run in ``out`` from
-            its checkpoint (bit-identical to an uninterrupted run; see docs/runs.md).
+            its checkpoint (bit-identical to an uninterrupted run; see docs/runs.md); it writes
+            the run, so ``write=False`` with ``resume`` is refused.
         handle_signals: while writing a run (main thread only), SIGINT/SIGTERM stop it at the
             next record with a checkpoint and summary status ``interrupted``.
         dataset: an already built :class:`mfld.data.Dataset` for this config (the CLI builds and
@@ -211,16 +101,31 @@ def run(config=None, *, overrides=None, x=None, y=None, x_test=None, y_test=None
             CPU devices must be configured before JAX starts, see ``mfld run --devices``); with
             several processes (``jax.distributed``) the mesh spans all their devices. The same
             seed gives the same run for any device count up to float reassociation.
+        follower: a non-writing process of a multi-process run (``write=False``): with
+            ``resume`` it reads the run directory's checkpoint, which process 0 writes.
 
     Every user mistake (config, data, run directory) raises :class:`ConfigError` before
     anything is written. ``summary["status"]`` is ``completed``, ``diverged`` (non-finite
     particles or risk: the last finite state is checkpointed and ``suggested_eta`` given),
     ``interrupted`` or ``failed`` (an unexpected error, re-raised after the summary is written).
     """
-    cfg = resolve_resume_config(out, config, overrides) if resume else resolve_config(config, overrides)
-    with precision_context(cfg.precision):
-        return _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, handle_signals, dataset,
-                    devices)
+    if resume and not write and not follower:
+        raise ConfigError("a resume continues the run in its directory, so it must write it", field="write",
+                          value=False, allowed="write=True with resume=True, or resume=False")
+    if isinstance(config, Prepared):
+        if overrides or x is not None or y is not None or dataset is not None:
+            raise ConfigError("a prepared config already holds its overrides and data", field="config",
+                              allowed="overrides, x, y and dataset given to mfld.app.inputs.prepare")
+        if config.resume != bool(resume) or config.out != (None if out is None else Path(out)):
+            raise ConfigError("the config was prepared for another run directory or resume mode", field="config",
+                              value=f"out={config.out}, resume={config.resume}",
+                              allowed=f"prepare(..., out={out!r}, resume={bool(resume)})")
+        prep = config
+    else:
+        prep = prepare(config, overrides, out=out, resume=resume, x=x, y=y, x_test=x_test, y_test=y_test,
+                       dataset=dataset)
+    with precision_context(prep.config.precision):
+        return _run(prep.config, prep.dataset, out, overwrite, resume, progress, write, handle_signals, devices)
 
 
 class _Signals:
@@ -250,25 +155,11 @@ class _Signals:
         self._old = {}
 
 
-def data_fingerprint(dataset) -> str:
-    """SHA-256 of the data (x, y and the test split, as float64): a resume must see the same data."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for arr in (dataset.x, dataset.y, dataset.x_test, dataset.y_test):
-        if arr is not None:
-            a = np.ascontiguousarray(np.asarray(arr, dtype=np.float64))
-            h.update(str(a.shape).encode())
-            h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def _is_finite_row(row) -> bool:
     return all(math.isfinite(row.get(k, 0.0)) for k in ("risk", "reg_risk", "grad_norm"))
 
 
-def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, handle_signals, dataset=None,
-         devices=None):
+def _run(cfg, dataset, out, overwrite, resume, progress, write, handle_signals, devices=None):
     from mfld import dynamics
     from mfld.app.lock import RunLock
 
@@ -277,51 +168,27 @@ def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, han
     out_dir = Path(out) if out is not None else (default_out_dir(cfg) if write else None)
 
     # ---- everything that can be a user mistake is checked before anything is written ----
+    # (the config and the data were checked by mfld.app.inputs.prepare)
     if write:
         _check_out_dir(out_dir, overwrite, resume)
-    if dataset is None:
-        if resume and x is None and y is None:
-            from mfld.app.replot import load_dataset  # the stored arrays (data.npz) or the config's data
-
-            dataset = load_dataset(out_dir, cfg)
-        else:
-            dataset = make_dataset(cfg, x, y, x_test, y_test)
-    check_data(cfg, dataset)
     problem = build_problem(cfg, dataset)
     stepper = dynamics.Langevin(eta=cfg.dynamics.eta, scheme=cfg.dynamics.scheme,
                                 batch_size=cfg.dynamics.batch_size, tau_schedule=cfg.dynamics.tau_schedule)
     state = dynamics.init_particles(problem, cfg.model.n_particles, cfg.seed, a_scale=cfg.model.init.a_scale,
                                     w_scale=cfg.model.init.w_scale, plus_fraction=cfg.model.init.plus_fraction)
     fingerprint = data_fingerprint(dataset)
-    prior = None
-    resumed_from = None
-    if resume and out_dir is not None:  # (write=False: another process of a multi-process run reads too)
-        env_old = _read_json(out_dir / rundir.ENV)
-        if env_old.get("data_sha256") not in (None, fingerprint):
-            raise ConfigError("the data differ from the stored run's (SHA-256 mismatch)", field="--resume",
-                              value=str(out_dir), allowed="the same data as the interrupted run")
-        if (out_dir / rundir.CHECKPOINT).exists():
-            state = _restore(out_dir / rundir.CHECKPOINT, state)
-            resumed_from = int(state.step)
-            if (out_dir / rundir.METRICS).exists():
-                prior = rundir.read_metrics(out_dir / rundir.METRICS)
-                # rows after the checkpoint are replayed; the closing record of a run whose
-                # length is not a multiple of record.every is not one an uninterrupted longer
-                # run would have, so it goes when the run is extended
-                steps = prior["step"]
-                keep = (steps <= resumed_from) & ((steps % cfg.record.every == 0) | (steps >= cfg.dynamics.steps))
-                prior = {k: v[keep] for k, v in prior.items()}
-        else:
-            resumed_from = 0  # killed before the first checkpoint: start again from step 0
-            notes.append("no checkpoint in the run directory: restarted from step 0")
-
     lock = RunLock(out_dir) if write else None
     signals = None
     try:
-        if write:
+        if write:  # the lock first: a resume reads env.json, the checkpoint and metrics.csv under it
             lock.acquire()
             if lock.took_over:
                 notes.append("took over a stale lock left by a process that is gone")
+        prior = None
+        resumed_from = None
+        if resume and out_dir is not None:  # (write=False: another process of a multi-process run reads too)
+            state, prior, resumed_from = _read_resume(out_dir, cfg, state, fingerprint, notes)
+        if write:
             if overwrite and not resume:
                 _clear_dir(out_dir)
             rundir.atomic_write_text(out_dir / rundir.CONFIG, cfg.to_yaml())
@@ -340,12 +207,35 @@ def _run(cfg, x, y, x_test, y_test, out, overwrite, resume, progress, write, han
                 _save_arrays(out_dir / rundir.DATA, dataset)  # so that `mfld plot` can redraw
             signals = _Signals(handle_signals)
         return _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_from, out_dir,
-                                    write, progress, notes, signals, t_start, devices)
+                                    write, progress, notes, signals, t_start, devices, resume)
     finally:
         if signals is not None:
             signals.restore()
         if lock is not None:
             lock.release()
+
+
+def _read_resume(out_dir, cfg, state, fingerprint, notes):
+    """(state, prior metrics, resumed-from step) of the run in ``out_dir`` (under its lock when writing)."""
+    prior = None
+    env_old = _read_json(out_dir / rundir.ENV)
+    if env_old.get("data_sha256") not in (None, fingerprint):
+        raise ConfigError("the data differ from the stored run's (SHA-256 mismatch)", field="--resume",
+                          value=str(out_dir), allowed="the same data as the interrupted run")
+    if not (out_dir / rundir.CHECKPOINT).exists():
+        notes.append("no checkpoint in the run directory: restarted from step 0")
+        return state, None, 0  # killed before the first checkpoint: start again from step 0
+    state = _restore(out_dir / rundir.CHECKPOINT, state)
+    resumed_from = int(state.step)
+    if (out_dir / rundir.METRICS).exists():
+        prior = rundir.read_metrics(out_dir / rundir.METRICS)
+        # rows after the checkpoint are replayed; the closing record of a run whose
+        # length is not a multiple of record.every is not one an uninterrupted longer
+        # run would have, so it goes when the run is extended
+        steps = prior["step"]
+        keep = (steps <= resumed_from) & ((steps % cfg.record.every == 0) | (steps >= cfg.dynamics.steps))
+        prior = {k: v[keep] for k, v in prior.items()}
+    return state, prior, resumed_from
 
 
 def _mesh_size(devices) -> int:
@@ -358,7 +248,7 @@ def _mesh_size(devices) -> int:
 
 
 def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_from, out_dir, write,
-                         progress, notes, signals, t_start, devices=None):
+                         progress, notes, signals, t_start, devices=None, resume=False):
     import jax
     import jax.numpy as jnp
 
@@ -369,20 +259,29 @@ def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_f
     cert_reason = certificates_available(problem) if rec.certify_every or rec.optimum else None
     if cert_reason and (rec.certify_every or rec.optimum):
         notes.append(cert_reason)
+    # the fixed output layer's sign fraction as the particles have it: round(pf N) / N, not pf
+    plus_fraction = (float(np.mean(np.asarray(state.a) > 0)) if problem.output == "fixed"
+                     else cfg.model.init.plus_fraction)
     optimum = None
     if rec.optimum and cert_reason is None:
-        from mfld.optimum import solve_optimum
+        stored = out_dir / rundir.OPTIMUM if resume and out_dir is not None else None
+        if stored is not None and stored.is_file():  # a resume keeps the run's F* (no second solve)
+            from mfld.optimum import Optimum
 
-        optimum = solve_optimum(problem, seed=cfg.seed, plus_fraction=cfg.model.init.plus_fraction)
-        if write:
-            rundir.atomic_write_text(out_dir / rundir.OPTIMUM, optimum.to_json())
+            optimum = Optimum.from_json(stored.read_text(), problem=problem)
+        else:
+            from mfld.optimum import solve_optimum
+
+            optimum = solve_optimum(problem, seed=cfg.seed, plus_fraction=plus_fraction)
+            if write:
+                rundir.atomic_write_text(out_dir / rundir.OPTIMUM, optimum.to_json())
     certify = None
     if rec.certify_every and cert_reason is None:
         from mfld.duality import certify as _certify
 
         def certify(s):
             return _certify(problem, s.a, s.w, method=rec.certify_method, n_samples=rec.certify_samples,
-                            seed=cfg.seed, optimum=optimum, plus_fraction=cfg.model.init.plus_fraction)
+                            seed=cfg.seed, optimum=optimum, plus_fraction=plus_fraction)
 
     status = {"value": "completed", "reason": None}
     initial_state = state
@@ -469,6 +368,7 @@ def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_f
         from mfld.duality import mc_warnings
 
         notes.extend(mc_warnings(metrics))
+        notes.extend(entropy_notes(problem))
     if write:
         if metrics:
             rundir.write_metrics(out_dir / rundir.METRICS, metrics)
@@ -702,6 +602,19 @@ def _last_finite(col):
         return None
     vals = [float(v) for v in col if math.isfinite(float(v))]
     return vals[-1] if vals else None
+
+
+def entropy_notes(problem) -> list[str]:
+    """A note when the k-NN entropy of the certificates is unreliable: particle dimension D above
+    :data:`mfld.entropy.RELIABLE_MAX_DIM` (the ``entropy_reliable`` column is then 0)."""
+    from mfld.entropy import RELIABLE_MAX_DIM
+
+    dim = problem.particle_dim
+    if dim <= RELIABLE_MAX_DIM:
+        return []
+    return [f"the particles have dimension {dim} > {RELIABLE_MAX_DIM}: the k-NN entropy is strongly biased there, "
+            "so free_energy_est and kl_gap_est are rough estimates (entropy_reliable = 0); the certificate "
+            "bounds dual_lower/primal_upper do not use it"]
 
 
 def _checkpoint(out_dir, s):

@@ -95,7 +95,7 @@ def run_sweep(config, overrides, grid_items, seeds: int, out) -> Path:
 
 
 def _figures(out: Path, members, hists, plots):
-    plt = plots._plt()
+    plt = plots.pyplot()
     (out / "figures").mkdir(exist_ok=True)
     groups = {}
     for m, h in zip(members, hists, strict=True):
@@ -114,5 +114,5 @@ def _figures(out: Path, members, hists, plots):
         ax.set_title(f"λ={lam:g}, τ={tau:g}, η={eta:g}: mean and min-max band over seeds")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-        plots._save(fig, out / "figures" / f"risk_lam={lam:g}_tau={tau:g}_eta={eta:g}.png")
+        plots.save_figure(fig, out / "figures" / f"risk_lam={lam:g}_tau={tau:g}_eta={eta:g}.png")
         plt.close(fig)
