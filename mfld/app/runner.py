@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from mfld import config as cfgmod
-from mfld.app import rundir
+from mfld.app import guards, rundir
+from mfld.app.guards import GAP_COLUMNS, precision_notes, quantised_fraction  # noqa: F401 - re-exported
 from mfld.app.inputs import (  # noqa: F401 - re-exported: the run's inputs (no JAX)
     Prepared,
     build_problem,
@@ -29,6 +30,7 @@ from mfld.app.inputs import (  # noqa: F401 - re-exported: the run's inputs (no 
     validate_inputs,
 )
 from mfld.errors import ConfigError
+from mfld.stability import drift_curvature, suggest_step_size  # noqa: F401 - drift_curvature re-exported
 
 
 @dataclass
@@ -247,23 +249,76 @@ def _mesh_size(devices) -> int:
     return int(devices or 1)
 
 
-def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_from, out_dir, write,
-                         progress, notes, signals, t_start, devices=None, resume=False):
-    import jax
-    import jax.numpy as jnp
+class _RecordHook:
+    """The callback of :func:`mfld.dynamics.simulate` at each record: divergence check,
+    certificates, snapshots, periodic checkpoints and the signal flag.
 
-    from mfld import dynamics
+    ``status`` (``value``, ``reason``, and ``diverged_at_step`` or ``signal``) says how the run
+    ended; ``last_good``/``last_good_step`` are the last finite state and its step. ``hist`` is
+    the History the simulation appends the rows to (a checkpoint writes it with ``prior``).
+    """
 
-    # ---- certificates and the optimum (issue: certified global optimality) ------------
+    def __init__(self, cfg, out_dir, write, signals, prior, state, hist, certify=None):
+        self.rec = cfg.record
+        self.out_dir, self.write, self.signals, self.prior, self.hist = out_dir, write, signals, prior, hist
+        self.certify = certify
+        self.status = {"value": "completed", "reason": None}
+        self.last_good, self.last_good_step = state, int(state.step)
+        # wall_time continues across resumes (it is not part of the bit-for-bit contract)
+        self.wall_offset = (float(prior["wall_time"][-1]) if prior and "wall_time" in prior and len(prior["step"])
+                            else 0.0)
+
+    def __call__(self, s, row) -> bool:
+        import jax
+        import jax.numpy as jnp
+
+        rec, status = self.rec, self.status
+        if "wall_time" in row:
+            row["wall_time"] += self.wall_offset
+        if not (_is_finite_row(row) and bool(jnp.all(jnp.isfinite(s.w))) and bool(jnp.all(jnp.isfinite(s.a)))):
+            status["value"] = "diverged"
+            status["reason"] = f"non-finite particles or risk at step {row['step']}"
+            status["diverged_at_step"] = row["step"]
+            return True
+        self.last_good, self.last_good_step = s, row["step"]
+        step = row["step"]
+        if self.certify is not None and step % rec.certify_every == 0:
+            row.update(self.certify(s))
+        if self.write and rec.snapshot_every and step % rec.snapshot_every == 0:
+            rundir.save_checkpoint(self.out_dir / "snapshots" / f"step_{step:09d}.npz", s.a, s.w, step,
+                                   jax.random.key_data(s.key))
+        stop = self.signals is not None and self.signals.signum is not None
+        if self.write and not stop and rec.checkpoint_every and step % rec.checkpoint_every == 0 and step > 0:
+            self._checkpoint(s, row)
+        if stop:
+            status["value"] = "interrupted"
+            status["reason"] = f"signal {self.signals.signum} at step {step}"
+            status["signal"] = self.signals.signum
+        return stop
+
+    def _checkpoint(self, s, row):
+        from mfld import dynamics
+
+        rows = dynamics.History({k: list(v) for k, v in self.hist.columns.items()})
+        rows.append(row)
+        # metrics first, then the checkpoint: a kill in between leaves metrics rows beyond the
+        # checkpoint, which a resume truncates; the other order would lose rows.
+        rundir.write_metrics(self.out_dir / rundir.METRICS, _merge(self.prior, rows.columns))
+        _checkpoint(self.out_dir, s)
+
+
+def _optimum_and_certify(cfg, problem, state, out_dir, write, resume, notes):
+    """(optimum or None, certify(state) -> dict or None) as ``record`` asks and the theory allows."""
     rec = cfg.record
     cert_reason = certificates_available(problem) if rec.certify_every or rec.optimum else None
-    if cert_reason and (rec.certify_every or rec.optimum):
+    if cert_reason:
         notes.append(cert_reason)
+        return None, None
     # the fixed output layer's sign fraction as the particles have it: round(pf N) / N, not pf
     plus_fraction = (float(np.mean(np.asarray(state.a) > 0)) if problem.output == "fixed"
                      else cfg.model.init.plus_fraction)
     optimum = None
-    if rec.optimum and cert_reason is None:
+    if rec.optimum:
         stored = out_dir / rundir.OPTIMUM if resume and out_dir is not None else None
         if stored is not None and stored.is_file():  # a resume keeps the run's F* (no second solve)
             from mfld.optimum import Optimum
@@ -276,49 +331,28 @@ def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_f
             if write:
                 rundir.atomic_write_text(out_dir / rundir.OPTIMUM, optimum.to_json())
     certify = None
-    if rec.certify_every and cert_reason is None:
+    if rec.certify_every:
         from mfld.duality import certify as _certify
 
         def certify(s):
             return _certify(problem, s.a, s.w, method=rec.certify_method, n_samples=rec.certify_samples,
                             seed=cfg.seed, optimum=optimum, plus_fraction=plus_fraction)
+    return optimum, certify
 
-    status = {"value": "completed", "reason": None}
+
+def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_from, out_dir, write,
+                         progress, notes, signals, t_start, devices=None, resume=False):
+    import jax
+
+    from mfld import dynamics
+
+    # ---- certificates and the optimum (issue: certified global optimality) ------------
+    rec = cfg.record
+    optimum, certify = _optimum_and_certify(cfg, problem, state, out_dir, write, resume, notes)
     initial_state = state
-    last_good = {"state": state, "step": int(state.step)}
     hist = dynamics.History()
-    # wall_time continues across resumes (it is not part of the bit-for-bit contract)
-    wall_offset = float(prior["wall_time"][-1]) if prior and "wall_time" in prior and len(prior["step"]) else 0.0
-
-    def callback(s, row):
-        if "wall_time" in row:
-            row["wall_time"] += wall_offset
-        if not (_is_finite_row(row) and bool(jnp.all(jnp.isfinite(s.w))) and bool(jnp.all(jnp.isfinite(s.a)))):
-            status["value"] = "diverged"
-            status["reason"] = f"non-finite particles or risk at step {row['step']}"
-            status["diverged_at_step"] = row["step"]
-            return True
-        last_good["state"] = s
-        last_good["step"] = row["step"]
-        step = row["step"]
-        if certify is not None and step % rec.certify_every == 0:
-            row.update(certify(s))
-        if write and rec.snapshot_every and step % rec.snapshot_every == 0:
-            rundir.save_checkpoint(out_dir / "snapshots" / f"step_{step:09d}.npz", s.a, s.w, step,
-                                   jax.random.key_data(s.key))
-        stop = signals is not None and signals.signum is not None
-        if write and not stop and rec.checkpoint_every and step % rec.checkpoint_every == 0 and step > 0:
-            rows = dynamics.History({k: list(v) for k, v in hist.columns.items()})
-            rows.append(row)
-            # metrics first, then the checkpoint: a kill in between leaves metrics rows beyond the
-            # checkpoint, which a resume truncates; the other order would lose rows.
-            rundir.write_metrics(out_dir / rundir.METRICS, _merge(prior, rows.columns))
-            _checkpoint(out_dir, s)
-        if stop:
-            status["value"] = "interrupted"
-            status["reason"] = f"signal {signals.signum} at step {step}"
-            status["signal"] = signals.signum
-        return stop
+    hook = _RecordHook(cfg, out_dir, write, signals, prior, state, hist, certify)
+    status = hook.status
 
     show = rec.progress if progress is None else progress
     remaining = max(cfg.dynamics.steps - int(state.step), 0)
@@ -333,7 +367,7 @@ def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_f
 
             simulate = partial(sharding.simulate_local, n_devices=None if jax.process_count() > 1 else devices)
         state, hist = simulate(problem, state, stepper, remaining, record_every=rec.every,
-                               chunk=cfg.dynamics.chunk, callback=callback, progress=show,
+                               chunk=cfg.dynamics.chunk, callback=hook, progress=show,
                                record_initial=prior is None, history=hist)
     except BaseException as err:  # keep the run directory consistent: say what happened, then re-raise
         if write:
@@ -348,27 +382,23 @@ def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_f
         raise
     metrics = _merge(prior, hist.columns)
     if status["value"] == "diverged":
-        state = last_good["state"]
-        keep = [i for i, st in enumerate(metrics.get("step", [])) if st <= last_good["step"]]
+        state = hook.last_good
+        keep = [i for i, st in enumerate(metrics.get("step", [])) if st <= hook.last_good_step]
         metrics = {k: [v[i] for i in keep] for k, v in metrics.items()}
     summary = _summary(cfg, metrics, status, time.perf_counter() - t_start, notes, optimum)
     if resumed_from is not None:
         summary["resumed_from_step"] = resumed_from
     if status["value"] == "diverged":
-        summary["last_good_step"] = last_good["step"]
+        summary["last_good_step"] = hook.last_good_step
         # the curvature where the run started and where it was last finite (often already blowing up)
-        suggestion = suggest_step_size(problem, stepper, [initial_state, last_good["state"]], cfg)
+        suggestion = suggest_step_size(problem, cfg.dynamics.eta, [initial_state, hook.last_good])
         summary["suggested_eta"] = suggestion["eta"]
         summary["curvature"] = suggestion["curvature"]
-        notes.append(f"the run diverged ({status['reason']}); the last finite state (step {last_good['step']}) is "
+        notes.append(f"the run diverged ({status['reason']}); the last finite state (step {hook.last_good_step}) is "
                      f"checkpointed; {suggestion['why']}: rerun with --set dynamics.eta={suggestion['eta']:.3g} "
                      f"--overwrite")
-    notes.extend(precision_notes(cfg.precision, metrics, np.asarray(state.a), np.asarray(state.w)))
-    if certify is not None:  # Monte Carlo certificates whose importance weights degenerated (THEORY 6)
-        from mfld.duality import mc_warnings
-
-        notes.extend(mc_warnings(metrics))
-        notes.extend(entropy_notes(problem))
+    notes.extend(guards.run_notes(cfg.precision, metrics, np.asarray(state.a), np.asarray(state.w),
+                                  problem=problem, certified=certify is not None))
     if write:
         if metrics:
             rundir.write_metrics(out_dir / rundir.METRICS, metrics)
@@ -438,183 +468,6 @@ def _read_json(path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
-
-
-# ---------------------------------------------------------------------------------------
-# Divergence: a stable step size from the curvature of the drift
-# ---------------------------------------------------------------------------------------
-
-def drift_curvature(problem, a, w, *, iters: int = 60, seed: int = 0) -> float:
-    """The largest eigenvalue of the Jacobian of the particle drift (all particles at once).
-
-    The Euler step is theta <- theta - eta * b(theta) + noise with b the drift of
-    :func:`mfld.network.potential_gradient` (mean field: N times the gradient of the finite-N
-    loss L, so db/dtheta = N Hess L, symmetric; NTK: Hess L). Linearised, a perturbation
-    evolves by (I - eta J), which stays bounded iff eta < 2 / mu_max for the largest
-    eigenvalue mu_max of J (lam is part of it). Power iteration with Jacobian-vector products
-    (no N D x N D matrix): first the dominant |mu|, then J + |mu| I to get mu_max itself
-    (Rayleigh quotients: a slight *under*-estimate, hence the margin in
-    :func:`suggest_step_size`). Computed in float64 (a scoped x64 context, upcast copies), so
-    that states far out on a diverging trajectory do not overflow.
-    """
-    import jax
-
-    with jax.enable_x64(True):
-        import jax.numpy as jnp
-
-        return _drift_curvature(problem, jnp.asarray(a, jnp.float64), jnp.asarray(w, jnp.float64), iters, seed)
-
-
-def _drift_curvature(problem, a, w, iters, seed):
-    import jax
-    import jax.numpy as jnp
-
-    from mfld import network
-
-    fixed = problem.output == "fixed"
-
-    def drift(v):
-        ga, gw, _ = network.potential_gradient(problem, v[0], v[1])
-        return (jnp.zeros_like(ga) if fixed else ga, gw)
-
-    def matvec(v, shift):
-        if fixed:
-            v = (jnp.zeros_like(v[0]), v[1])
-        jv = jax.jvp(drift, ((a, w),), (v,))[1]
-        return (jv[0] + shift * v[0], jv[1] + shift * v[1])
-
-    def dot(u, v):
-        return jnp.sum(u[0] * v[0]) + jnp.sum(u[1] * v[1])
-
-    @jax.jit
-    def power(shift, v0):
-        def body(_, carry):
-            v, _mu = carry
-            jv = matvec(v, shift)
-            mu = dot(v, jv)
-            nrm = jnp.sqrt(dot(jv, jv))
-            return (jv[0] / nrm, jv[1] / nrm), mu
-        v, mu = jax.lax.fori_loop(0, iters, body, (v0, jnp.zeros((), w.dtype)))
-        return dot(v, matvec(v, shift))
-
-    ka, kw = jax.random.split(jax.random.key(seed))
-    v0 = (jax.random.normal(ka, a.shape, w.dtype), jax.random.normal(kw, w.shape, w.dtype))
-    if fixed:
-        v0 = (jnp.zeros_like(v0[0]), v0[1])
-    nrm = jnp.sqrt(dot(v0, v0))
-    v0 = (v0[0] / nrm, v0[1] / nrm)
-    dominant = float(power(jnp.asarray(0.0, w.dtype), v0))
-    if dominant >= 0:
-        return dominant
-    shift = abs(dominant)
-    return float(power(jnp.asarray(shift, w.dtype), v0)) - shift
-
-
-def suggest_step_size(problem, stepper, states, cfg) -> dict:
-    """A step size that keeps the linearised Euler step stable at the given (finite) states.
-
-    ``eta = min(eta / 2, 1 / mu_max)``, mu_max the largest drift-Jacobian eigenvalue over
-    ``states`` (:func:`drift_curvature`): half the stability limit 2 / mu_max, a factor-2
-    margin for the power iteration's underestimate and for curvature growing along the run;
-    and never more than half the step that diverged. Falls back to halving if the curvature
-    cannot be estimated (non-finite or non-positive).
-    """
-    eta = float(cfg.dynamics.eta)
-    mus = []
-    for s in states:
-        try:
-            mu = drift_curvature(problem, s.a, s.w)
-        except Exception:  # noqa: BLE001 - a diagnostic must not break the run's writing
-            mu = float("nan")
-        if math.isfinite(mu):
-            mus.append(mu)
-    mu = max(mus) if mus else float("nan")
-    if math.isfinite(mu) and mu > 0:
-        bound = 1.0 / mu
-        if bound < eta / 2:
-            return {"eta": bound, "curvature": mu,
-                    "why": f"the drift's curvature is {mu:.3g}, so the step must stay below 2/{mu:.3g} = "
-                           f"{2 / mu:.3g}; with a factor-2 margin"}
-    return {"eta": eta / 2, "curvature": mu if math.isfinite(mu) else None,
-            "why": "halving the step" + (f" (curvature {mu:.3g} at the last finite state)" if math.isfinite(mu)
-                                         else "")}
-
-
-# ---------------------------------------------------------------------------------------
-# Numerical guards for float32 runs
-# ---------------------------------------------------------------------------------------
-
-#: Gap-like columns: differences of O(|F|) quantities, meaningless below float32 resolution.
-GAP_COLUMNS = ("gap", "F_minus_Fstar_upper", "kl_gap_est")
-_F32_EPS = float(np.finfo(np.float32).eps)
-
-
-def precision_notes(precision: str, metrics: dict, a, w) -> list[str]:
-    """Warnings for float32 runs whose certificate or entropy quantities lose precision.
-
-    - a gap column (:data:`GAP_COLUMNS`) whose final value is below 100 float32 ulps of the
-      objective's scale: the float32 drift perturbs the particles' law by about that much, so
-      the gap cannot be resolved further;
-    - the k-NN entropy (``free_energy_est``, ``kl_gap_est``) when more than 1% of the
-      particles' nearest-neighbour distances are below 100 float32 spacings at the cloud's
-      scale: the estimator's log-distances are then quantisation, not geometry.
-    """
-    if precision != "float32" or not metrics:
-        return []
-    out = []
-    scale = 1.0
-    for k in ("primal_upper", "dual_lower", "reg_risk", "free_energy_est"):
-        v = _last_finite(metrics.get(k))
-        if v is not None:
-            scale = max(scale, abs(v))
-    floor = 100 * _F32_EPS * scale
-    for k in GAP_COLUMNS:
-        v = _last_finite(metrics.get(k))
-        if v is not None and abs(v) < floor:
-            out.append(f"float32: {k} = {v:.3g} is below the float32 resolution of the objective "
-                       f"(~{floor:.1g}); rerun with --x64 to resolve smaller gaps")
-    if any(k in metrics for k in ("free_energy_est", "kl_gap_est")) and a is not None:
-        theta = np.column_stack([np.asarray(a, dtype=np.float64).reshape(len(a), -1)[:, :1],
-                                 np.asarray(w, dtype=np.float64)])
-        frac = quantised_fraction(theta, np.float32)
-        if frac > 0.01:
-            out.append(f"float32: {100 * frac:.1f}% of the particles' nearest-neighbour distances are within "
-                       f"100 float32 spacings; the k-NN entropy (free_energy_est, kl_gap_est) is unreliable; "
-                       f"rerun with --x64")
-    return out
-
-
-def quantised_fraction(theta, dtype=np.float32) -> float:
-    """Fraction of points whose nearest-neighbour distance is below 100 spacings of ``dtype``
-    at the cloud's scale (max |coordinate|)."""
-    from scipy.spatial import cKDTree
-
-    theta = np.asarray(theta, dtype=np.float64)
-    if len(theta) < 2 or not np.all(np.isfinite(theta)):
-        return 0.0
-    spacing = float(np.spacing(dtype(np.max(np.abs(theta)))))
-    d, _ = cKDTree(theta).query(theta, k=2)
-    return float(np.mean(d[:, 1] < 100 * spacing))
-
-
-def _last_finite(col):
-    if col is None:
-        return None
-    vals = [float(v) for v in col if math.isfinite(float(v))]
-    return vals[-1] if vals else None
-
-
-def entropy_notes(problem) -> list[str]:
-    """A note when the k-NN entropy of the certificates is unreliable: particle dimension D above
-    :data:`mfld.entropy.RELIABLE_MAX_DIM` (the ``entropy_reliable`` column is then 0)."""
-    from mfld.entropy import RELIABLE_MAX_DIM
-
-    dim = problem.particle_dim
-    if dim <= RELIABLE_MAX_DIM:
-        return []
-    return [f"the particles have dimension {dim} > {RELIABLE_MAX_DIM}: the k-NN entropy is strongly biased there, "
-            "so free_energy_est and kl_gap_est are rough estimates (entropy_reliable = 0); the certificate "
-            "bounds dual_lower/primal_upper do not use it"]
 
 
 def _checkpoint(out_dir, s):

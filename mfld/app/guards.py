@@ -1,0 +1,104 @@
+"""Numerical guards of a run: notes for the summary when a recorded quantity cannot be trusted.
+
+- float32 runs whose gap columns are below float32 resolution, or whose particles are so close
+  that the k-NN entropy measures quantisation (:func:`precision_notes`);
+- the k-NN entropy in particle dimension above :data:`mfld.entropy.RELIABLE_MAX_DIM`
+  (:func:`entropy_notes`);
+- Monte Carlo certificates whose importance weights degenerated (:func:`mfld.duality.mc_warnings`).
+
+:func:`run_notes` gathers them for the runner. NumPy/SciPy only; no JAX.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["GAP_COLUMNS", "entropy_notes", "precision_notes", "quantised_fraction", "run_notes"]
+
+
+
+#: Gap-like columns: differences of O(|F|) quantities, meaningless below float32 resolution.
+GAP_COLUMNS = ("gap", "F_minus_Fstar_upper", "kl_gap_est")
+_F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def precision_notes(precision: str, metrics: dict, a, w) -> list[str]:
+    """Warnings for float32 runs whose certificate or entropy quantities lose precision.
+
+    - a gap column (:data:`GAP_COLUMNS`) whose final value is below 100 float32 ulps of the
+      objective's scale: the float32 drift perturbs the particles' law by about that much, so
+      the gap cannot be resolved further;
+    - the k-NN entropy (``free_energy_est``, ``kl_gap_est``) when more than 1% of the
+      particles' nearest-neighbour distances are below 100 float32 spacings at the cloud's
+      scale: the estimator's log-distances are then quantisation, not geometry.
+    """
+    if precision != "float32" or not metrics:
+        return []
+    out = []
+    scale = 1.0
+    for k in ("primal_upper", "dual_lower", "reg_risk", "free_energy_est"):
+        v = _last_finite(metrics.get(k))
+        if v is not None:
+            scale = max(scale, abs(v))
+    floor = 100 * _F32_EPS * scale
+    for k in GAP_COLUMNS:
+        v = _last_finite(metrics.get(k))
+        if v is not None and abs(v) < floor:
+            out.append(f"float32: {k} = {v:.3g} is below the float32 resolution of the objective "
+                       f"(~{floor:.1g}); rerun with --x64 to resolve smaller gaps")
+    if any(k in metrics for k in ("free_energy_est", "kl_gap_est")) and a is not None:
+        theta = np.column_stack([np.asarray(a, dtype=np.float64).reshape(len(a), -1)[:, :1],
+                                 np.asarray(w, dtype=np.float64)])
+        frac = quantised_fraction(theta, np.float32)
+        if frac > 0.01:
+            out.append(f"float32: {100 * frac:.1f}% of the particles' nearest-neighbour distances are within "
+                       f"100 float32 spacings; the k-NN entropy (free_energy_est, kl_gap_est) is unreliable; "
+                       f"rerun with --x64")
+    return out
+
+
+def quantised_fraction(theta, dtype=np.float32) -> float:
+    """Fraction of points whose nearest-neighbour distance is below 100 spacings of ``dtype``
+    at the cloud's scale (max |coordinate|)."""
+    from scipy.spatial import cKDTree
+
+    theta = np.asarray(theta, dtype=np.float64)
+    if len(theta) < 2 or not np.all(np.isfinite(theta)):
+        return 0.0
+    spacing = float(np.spacing(dtype(np.max(np.abs(theta)))))
+    d, _ = cKDTree(theta).query(theta, k=2)
+    return float(np.mean(d[:, 1] < 100 * spacing))
+
+
+def _last_finite(col):
+    if col is None:
+        return None
+    vals = [float(v) for v in col if math.isfinite(float(v))]
+    return vals[-1] if vals else None
+
+
+def entropy_notes(problem) -> list[str]:
+    """A note when the k-NN entropy of the certificates is unreliable: particle dimension D above
+    :data:`mfld.entropy.RELIABLE_MAX_DIM` (the ``entropy_reliable`` column is then 0)."""
+    from mfld.entropy import RELIABLE_MAX_DIM
+
+    dim = problem.particle_dim
+    if dim <= RELIABLE_MAX_DIM:
+        return []
+    return [f"the particles have dimension {dim} > {RELIABLE_MAX_DIM}: the k-NN entropy is strongly biased there, "
+            "so free_energy_est and kl_gap_est are rough estimates (entropy_reliable = 0); the certificate "
+            "bounds dual_lower/primal_upper do not use it"]
+
+
+def run_notes(precision: str, metrics: dict, a, w, *, problem=None, certified: bool = False) -> list[str]:
+    """All the guards' notes for a finished run: :func:`precision_notes`, and when certificates
+    were recorded the Monte Carlo weight warnings and :func:`entropy_notes` (each at most once)."""
+    out = precision_notes(precision, metrics, a, w)
+    if certified:  # Monte Carlo certificates whose importance weights degenerated (THEORY 6)
+        from mfld.duality import mc_warnings
+
+        out.extend(mc_warnings(metrics))
+        out.extend(entropy_notes(problem))
+    return out
