@@ -364,3 +364,25 @@ def test_resume_keeps_the_stored_optimum(tmp_path, monkeypatch):
     assert list(m["step"]) == [0, 10, 20, 30, 40]
     assert np.all(m["F_star"] == stored["F_star"])
     assert json.loads((run_dir / rundir.OPTIMUM).read_text()) == stored
+
+
+def test_suggest_step_size_rule(monkeypatch):
+    """min(eta / 2, 1 / mu_max) over the states' curvatures, halving when none is usable
+    (mfld.stability, without the app: the curvature itself is tested above)."""
+    from types import SimpleNamespace
+
+    from mfld import stability
+
+    curv = {}
+    monkeypatch.setattr(stability, "drift_curvature", lambda problem, a, w: curv[a])
+    states = [SimpleNamespace(a="s0", w=None), SimpleNamespace(a="s1", w=None)]
+    curv.update(s0=4.0, s1=10.0)  # mu_max = 10: 1/10 < eta/2 = 0.5
+    got = stability.suggest_step_size(None, 1.0, states)
+    assert got["eta"] == 0.1 and got["curvature"] == 10.0
+    curv.update(s0=1.0, s1=0.5)  # 1/mu_max = 1 > eta/2: halve
+    assert stability.suggest_step_size(None, 1.0, states) == {"eta": 0.5, "curvature": 1.0,
+                                                               "why": "halving the step (curvature 1 at the "
+                                                                      "last finite state)"}
+    curv.update(s0=float("nan"), s1=-3.0)  # nothing positive: halve, no curvature
+    got = stability.suggest_step_size(None, 0.2, states)
+    assert got["eta"] == 0.1 and got["curvature"] == -3.0
