@@ -219,6 +219,14 @@ def test_certificate_checks_only_when_certificates_are_on(tmp_path, capsys):
     for ok in ({"record.certify_every": 0}, {"record.certify_every": 2, "objective.tau": 0.0},
                {"record.certify_every": 2, "model.scaling": "ntk"}):
         validate_inputs(None, {**few, **ok})
+    # a sweep and `mfld optimum` certify nothing: their data checks (check_data) let it through
+    from mfld import config as cfgmod
+    from mfld.app.inputs import check_data, check_run_setup, make_dataset
+
+    cfg = cfgmod.validate(cfgmod.apply_overrides({}, {**few, "record.certify_every": 2}))
+    check_data(cfg, make_dataset(cfg))
+    with pytest.raises(ConfigError):
+        check_run_setup(cfg, make_dataset(cfg))
     main(["run", *TINY, "--set", "model.n_particles=3", "--set", "data.params.d=2", "--set",
           "record.certify_method=quadrature", "--out", str(tmp_path / "r")])
     assert "status=completed" in capsys.readouterr().out

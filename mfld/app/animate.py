@@ -32,12 +32,12 @@ def _snapshots(run_dir: Path):
 
 def _problem_of(run_dir: Path):
     from mfld import config as cfgmod
-    from mfld.app import runner
+    from mfld.app import inputs
     from mfld.app.rundir import load_run
 
     rec = load_run(run_dir)
     cfg = cfgmod.validate(rec.config)
-    return cfg, runner.build_problem(cfg, runner.make_dataset(cfg))
+    return cfg, inputs.build_problem(cfg, inputs.make_dataset(cfg))
 
 
 def rho_star_density(problem, a_lim, w_lim, n: int = 120):

@@ -35,7 +35,8 @@ class Prepared:
 def prepare(config=None, overrides=None, *, out=None, resume: bool = False, x=None, y=None, x_test=None,
             y_test=None, dataset=None) -> Prepared:
     """Resolve the config (a resume: checked against the stored one), build the data (a resume:
-    the run's own stored arrays or data file) and check both (:func:`check_data`). No JAX."""
+    the run's own stored arrays or data file) and check both (:func:`check_data`,
+    :func:`check_run_setup`). No JAX."""
     cfg = resolve_resume_config(out, config, overrides) if resume else resolve_config(config, overrides)
     if dataset is None:
         if resume and x is None and y is None:
@@ -45,6 +46,7 @@ def prepare(config=None, overrides=None, *, out=None, resume: bool = False, x=No
         else:
             dataset = make_dataset(cfg, x, y, x_test, y_test)
     check_data(cfg, dataset)
+    check_run_setup(cfg, dataset)
     return Prepared(cfg, dataset, None if out is None else Path(out), bool(resume))
 
 
@@ -99,8 +101,10 @@ def check_data(cfg: cfgmod.Config, dataset) -> None:
 
     - labels in {-1, +1} for the logistic loss (train and test);
     - for a user's data (a file or arrays): no constant input column and a non-constant target;
-    - ``dynamics.batch_size`` at most the number of training points;
-    - the certificate settings against the data's dimension (:func:`check_certificate_setup`).
+    - ``dynamics.batch_size`` at most the number of training points.
+
+    A run checks its certificate settings too (:func:`check_run_setup`, in :func:`prepare` and
+    :func:`validate_inputs`); a sweep or ``mfld optimum`` certifies nothing and does not.
     """
     where = "data.params.path" if cfg.data.kind == "file" and dataset.meta.get("kind") != "arrays" else "data"
     x = np.asarray(dataset.x, dtype=np.float64)
@@ -139,7 +143,6 @@ def check_data(cfg: cfgmod.Config, dataset) -> None:
     if bs is not None and bs > x.shape[0]:
         raise ConfigError(f"the minibatch is larger than the {x.shape[0]} training points", field="dynamics.batch_size",
                           value=bs, allowed=f"1..{x.shape[0]}, or null for full batch")
-    check_certificate_setup(cfg, x.shape[1])
 
 
 def _csv_input_names(cfg) -> list | None:
@@ -163,7 +166,9 @@ def _csv_input_names(cfg) -> list | None:
 def validate_inputs(config=None, overrides=None):
     """Everything ``mfld validate`` checks, without JAX: the config, then its data."""
     cfg = resolve_config(config, overrides)
-    check_data(cfg, make_dataset(cfg))
+    dataset = make_dataset(cfg)
+    check_data(cfg, dataset)
+    check_run_setup(cfg, dataset)
     return cfg
 
 
@@ -194,6 +199,12 @@ def certificates_on(cfg: cfgmod.Config) -> bool:
     applies (tau > 0 and the mean-field scaling; cf. :func:`mfld.duality.check_applicable`,
     which the runner asks again on the built problem)."""
     return bool(cfg.record.certify_every) and cfg.objective.tau > 0 and cfg.model.scaling == "mean_field"
+
+
+def check_run_setup(cfg: cfgmod.Config, dataset) -> None:
+    """The run's settings against its (checked) data: :func:`check_certificate_setup`."""
+    x = np.asarray(dataset.x)
+    check_certificate_setup(cfg, 1 if x.ndim == 1 else x.shape[1])
 
 
 def check_certificate_setup(cfg: cfgmod.Config, n_inputs: int) -> None:

@@ -18,14 +18,14 @@ from mfld.errors import TheoryNotApplicable
 
 def solve_for_config(config=None, overrides=None):
     """(config, problem, Optimum) for a config path / dict / None (the default problem)."""
-    from mfld.app import runner
+    from mfld.app import inputs, runner
     from mfld.optimum import solve_optimum
 
-    cfg = runner.resolve_config(config, overrides)
-    dataset = runner.make_dataset(cfg)
-    runner.check_data(cfg, dataset)
+    cfg = inputs.resolve_config(config, overrides)
+    dataset = inputs.make_dataset(cfg)
+    inputs.check_data(cfg, dataset)
     with runner.precision_context(cfg.precision):
-        problem = runner.build_problem(cfg, dataset)
+        problem = inputs.build_problem(cfg, dataset)
         reason = runner.certificates_available(problem)
         if reason is not None:
             raise TheoryNotApplicable(f"no optimum to solve for: {reason}")

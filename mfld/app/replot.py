@@ -17,7 +17,7 @@ def load_dataset(run_dir, cfg):
     import numpy as np
 
     from mfld import data
-    from mfld.app import runner
+    from mfld.app import inputs
 
     p = Path(run_dir)
     if (p / rundir.DATA).exists():
@@ -25,12 +25,12 @@ def load_dataset(run_dir, cfg):
             arr = {k: z[k] for k in z.files}
         dataset = data.Dataset(arr["x"], arr["y"], arr.get("x_test"), arr.get("y_test"), {"kind": "arrays"})
     else:
-        dataset = runner.make_dataset(cfg)
+        dataset = inputs.make_dataset(cfg)
     try:
         recorded = json.loads((p / rundir.ENV).read_text()).get("data_sha256")
     except (OSError, ValueError):
         recorded = None
-    if recorded is not None and recorded != runner.data_fingerprint(dataset):
+    if recorded is not None and recorded != inputs.data_fingerprint(dataset):
         raise ConfigError("the data differ from those the run was trained on (SHA-256 mismatch)",
                           field="data", value=str(run_dir), allowed="the run's original data file")
     return dataset
@@ -39,7 +39,7 @@ def load_dataset(run_dir, cfg):
 def replot(run_dir) -> list[str]:
     """Rebuild the problem from the saved config and data and redraw every figure."""
     from mfld import config as cfgmod
-    from mfld.app import plots, runner
+    from mfld.app import inputs, plots, runner
 
     rec = rundir.load_run(run_dir)
     if rec.a is None:
@@ -47,7 +47,7 @@ def replot(run_dir) -> list[str]:
     cfg = cfgmod.validate(rec.config)
     with runner.precision_context(cfg.precision):
         dataset = load_dataset(run_dir, cfg)
-        problem = runner.build_problem(cfg, dataset)
+        problem = inputs.build_problem(cfg, dataset)
         optimum = None
         if rec.optimum is not None:
             from mfld.optimum import Optimum

@@ -45,14 +45,14 @@ def parse_grid(items) -> dict:
 
 
 def run_sweep(config, overrides, grid_items, seeds: int, out) -> Path:
-    from mfld.app import plots, rundir, runner
+    from mfld.app import inputs, plots, rundir, runner
 
     cfg = cfgmod.load(config, list(overrides))
     grid = parse_grid(grid_items)
     if int(seeds) < 1:
         raise ConfigError("must be a positive integer", field="--seeds", value=seeds)
-    dataset = runner.make_dataset(cfg)
-    runner.check_data(cfg, dataset)
+    dataset = inputs.make_dataset(cfg)
+    inputs.check_data(cfg, dataset)
     out = Path(out) if out else runner.default_out_dir(cfg).with_name(runner.default_out_dir(cfg).name + "-sweep")
     if out.exists() and any(out.iterdir()):
         raise ConfigError("output directory exists and is not empty", field="--out", value=str(out),
@@ -60,7 +60,7 @@ def run_sweep(config, overrides, grid_items, seeds: int, out) -> Path:
     with runner.precision_context(cfg.precision):
         from mfld import dynamics, sweep
 
-        problem = runner.build_problem(cfg, dataset)
+        problem = inputs.build_problem(cfg, dataset)
         stepper = dynamics.Langevin(cfg.dynamics.eta, scheme=cfg.dynamics.scheme,
                                     batch_size=cfg.dynamics.batch_size, tau_schedule=cfg.dynamics.tau_schedule)
         members = sweep.grid(problem, stepper, lam=grid.get("lam"), tau=grid.get("tau"), eta=grid.get("eta"),
