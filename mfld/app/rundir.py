@@ -153,6 +153,7 @@ def environment(seed: int, precision: str) -> dict:
     import scipy
 
     import mfld
+    from mfld.network import cpu_threads
 
     return {
         "mfld": mfld.__version__,
@@ -166,6 +167,9 @@ def environment(seed: int, precision: str) -> dict:
         "devices": [str(d) for d in jax.devices()],
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
+        # the step's block sizes follow the thread count, so runs with different counts agree
+        # only up to the reassociation of sums (docs/performance.md)
+        "cpu_threads": cpu_threads(),
         "x64": bool(jax.config.jax_enable_x64),
         "precision": precision,
         "seed": seed,
