@@ -287,6 +287,11 @@ def test_precision_notes_flag_float32_resolution():
     assert precision_notes("float64", metrics, tight[:, 0], tight[:, 1:]) == []
     fine = {"reg_risk": [0.3], "primal_upper": [0.31], "gap": [1e-3], "free_energy_est": [0.2]}
     assert precision_notes("float32", fine, spread[:, 0], spread[:, 1:]) == []
+    # the default problem's end (|F| ~ 0.09, gap ~ 1e-5 at its O(1/N) plateau, which a float64
+    # run reaches as well) is well above 100 float32 ulps of |F| (~1e-6): no note
+    default_end = {"reg_risk": [0.092], "primal_upper": [-0.0737], "gap": [9e-6], "F_minus_Fstar_upper": [7e-6]}
+    assert precision_notes("float32", default_end, spread[:, 0], spread[:, 1:]) == []
+    assert any("gap" in n for n in precision_notes("float32", {**default_end, "gap": [5e-7]}, None, None))
 
 
 def test_an_unexpected_error_leaves_a_consistent_directory(tmp_path, monkeypatch):
