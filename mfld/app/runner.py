@@ -29,6 +29,7 @@ from mfld.app.inputs import (  # noqa: F401 - re-exported: the run's inputs (no 
     resolve_resume_config,
     validate_inputs,
 )
+from mfld.app.lock import LOCK
 from mfld.errors import ConfigError
 from mfld.stability import drift_curvature, suggest_step_size  # noqa: F401 - drift_curvature re-exported
 
@@ -511,7 +512,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool, resume: bool):
                           allowed="a new or existing directory")
     if resume:
         return  # resolve_resume_config checked that a run is there
-    if out_dir.exists() and any(p.name != ".lock" for p in out_dir.iterdir()) and not overwrite:
+    if out_dir.exists() and any(p.name != LOCK for p in out_dir.iterdir()) and not overwrite:
         raise ConfigError("run directory already exists and is not empty", field="--out", value=str(out_dir),
                           allowed="a new directory, or --resume / --overwrite")
 
@@ -519,8 +520,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool, resume: bool):
 def _clear_dir(out_dir: Path):
     """Empty a run directory for --overwrite, keeping our own lock file."""
     import shutil
-
-    from mfld.app.lock import LOCK
 
     for p in out_dir.iterdir():
         if p.name == LOCK:
