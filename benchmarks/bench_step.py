@@ -5,7 +5,8 @@ interleaved so that a busy machine slows every contender alike.
 One step = tanh network, squared loss, bias feature, full batch, Euler-Maruyama update
 with Gaussian noise, float32. Flop count used for the GEMM share: 4 n d N per step (two
 GEMMs), against the fp32 GEMM ceiling measured in the same run (best of NumPy and JAX on a
-square matmul).
+square matmul). "x unfused": mfld against the same step compiled without mfld's XLA
+options (mfld.xla: YNNPACK dot fusion), also interleaved in the same run.
 
     python benchmarks/bench_step.py                   # the issue's grid + scaling
     python benchmarks/bench_step.py --threads 1       # one core
@@ -56,7 +57,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mfld import dynamics, network  # noqa: E402
+from mfld import dynamics, network, xla  # noqa: E402
 from mfld.problem import Problem  # noqa: E402
 
 try:
@@ -71,15 +72,22 @@ except ImportError:
 
 
 # ------------------------------------------------------------------------------ contenders
-def make_mfld(x, y, a, w):
+def make_mfld(x, y, a, w, fused=True):
+    """mfld's step; ``fused=False``: the same program compiled without mfld's XLA options
+    (YNNPACK dot fusion, :mod:`mfld.xla`), to measure what they give side by side."""
     problem = Problem.create(x, y, activation="tanh", lam=LAM, tau=TAU, bias=True, dtype=jnp.float32)
     state = dynamics.ParticleState(jnp.asarray(a), jnp.asarray(w), jnp.asarray(0, jnp.int32),
                                    dynamics.dynamics_keys(0)[1])
     stepper = dynamics.Langevin(ETA)
     holder = {"s": state}
 
+    plain = jax.jit(dynamics.run_steps, static_argnames=("n_steps",), donate_argnames=("state",))
+
     def run(k):
-        holder["s"] = dynamics._advance(problem, holder["s"], stepper, k, True)
+        if fused:
+            holder["s"] = dynamics._advance(problem, holder["s"], stepper, k, True)
+        else:
+            holder["s"] = plain(problem, holder["s"], stepper, n_steps=k)[0]
         holder["s"].w.block_until_ready()
 
     return run
@@ -248,16 +256,19 @@ def main():
         memory_check()
         return
     info = machine()
+    info["xla_compiler_options"] = xla.compiler_options()
     print("machine:", json.dumps(info))
     ceiling, parts = gemm_ceiling()
     print(f"fp32 GEMM ceiling: {ceiling:.0f} GFLOP/s ({', '.join(f'{k} {v:.0f}' for k, v in parts.items())})")
     results = {"machine": info, "ceiling_gflops": ceiling, "grid": [], "scaling_N": [], "scaling_n": []}
     hdr = (f"{'n':>5} {'d':>4} {'N':>7} | {'mfld':>8} {'numpy':>8} {'torch':>8} | "
-           f"{'x numpy':>7} {'x torch':>7} | {'GEMM %':>6}")
+           f"{'x numpy':>7} {'x torch':>7} | {'GEMM %':>6} | {'x unfused':>9}")
     print("\nsteps/s (median of interleaved repetitions)\n" + hdr + "\n" + "-" * len(hdr))
     for n, d, N in GRID:
         x, y, a, w = data(n, d, N)
         cont = {"mfld": make_mfld(x, y, a, w), "numpy": make_numpy(x, y, a, w)}
+        if xla.compiler_options():
+            cont["mfld_unfused"] = make_mfld(x, y, a, w, fused=False)
         if torch is not None:
             cont["torch"] = make_torch(x, y, a, w)
         r = bench(cont, ARGS.reps, ARGS.target_seconds)
@@ -270,8 +281,10 @@ def main():
         tsp = sps.get("torch")
         t_s = f"{tsp:.1f}" if tsp else "-"
         t_r = f"{sps['mfld'] / tsp:.2f}" if tsp else "-"
+        u_r = f"{sps['mfld'] / sps['mfld_unfused']:.2f}" if "mfld_unfused" in sps else "-"
         print(f"{n:>5} {d:>4} {N:>7} | {sps['mfld']:>8.1f} {sps['numpy']:>8.1f} {t_s:>8} | "
-              f"{sps['mfld'] / sps['numpy']:>7.2f} {t_r:>7} | {100 * share:>5.0f}%   load {os.getloadavg()[0]:.1f}",
+              f"{sps['mfld'] / sps['numpy']:>7.2f} {t_r:>7} | {100 * share:>5.0f}% | {u_r:>9}"
+              f"   load {os.getloadavg()[0]:.1f}",
               flush=True)
     if not ARGS.no_scaling:
         print("\nscaling with N (n = 256, d = 10): ms/step, ns per (particle x data) pair")

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfld import network
+from mfld import network, xla
 from mfld.errors import ConfigError
 from mfld.problem import Problem
 
@@ -261,9 +261,9 @@ def run_steps(problem: Problem, state: ParticleState, stepper: Langevin, n_steps
     return jax.lax.scan(body, state, None, length=n_steps)
 
 
-_run_steps_jit = jax.jit(run_steps, static_argnames=("n_steps",))
+_run_steps_jit = xla.jit(run_steps, static_argnames=("n_steps",))
 # The same, donating the particle buffers of ``state`` (only for states nobody else holds).
-_run_steps_donate = jax.jit(run_steps, static_argnames=("n_steps",), donate_argnames=("state",))
+_run_steps_donate = xla.jit(run_steps, static_argnames=("n_steps",), donate_argnames=("state",))
 
 
 def _advance(problem, state, stepper, n, donate):
@@ -337,7 +337,7 @@ def simulate(problem: Problem, state: ParticleState, stepper: Langevin, n_steps:
     if record_every < 1:
         raise ConfigError("must be positive", field="record.every", value=record_every)
     recorder = recorder or observables.record
-    rec_jit = jax.jit(recorder)
+    rec_jit = xla.jit(recorder)
     start = int(state.step)
     stop = start + int(n_steps)
     hist = History() if history is None else history

@@ -102,11 +102,15 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 BLOCK_TARGET = 1 << 18
 BLOCK_TARGET_MAX = 1 << 22
 #: Data rows per block of the two-GEMM data-blocked evaluation on one thread, times T with T
-#: threads (at most 256). 1 thread: 64 beat 32, 128, 256, 1024; 2 threads: 128 beat 64, 256.
-DATA_BLOCK = 64
+#: threads (at most ``DATA_BLOCK_MAX``). Measured with YNNPACK's dot fusion (mfld.xla):
+#: 1 thread 128 beat 64 and 256 at (n, d, N) = (1024, 50, 4096), tied 256 at (4096, 100,
+#: 16384); 2 threads 256 beat 64 and 128 (and 512, 1024) at (4096, 100, 16384).
+DATA_BLOCK = 128
+DATA_BLOCK_MAX = 512
 #: Smallest p (features incl. bias) for which data blocks (two GEMMs) are used rather than
-#: particle blocks (three GEMMs): measured crossover between p = 26 and p = 51.
-DATA_BLOCK_MIN_FEATURES = 33
+#: particle blocks (three GEMMs). With YNNPACK's dot fusion data blocks won at p = 11 (1.05-1.4x)
+#: and p = 26 (1.5x); at p = 3 particle blocks won with 1 thread (1.6x) and tied with 2.
+DATA_BLOCK_MIN_FEATURES = 8
 #: Largest (N, p) gradient accumulator (bytes) for data blocks: it is read and written once per
 #: data block, which pays only while it stays in cache.
 DATA_BLOCK_MAX_ACCUMULATOR = 32 << 20
@@ -151,7 +155,7 @@ def plan_chunks(n_particles: int, n_data: int, itemsize: int = 4, *, n_features:
 
     Rules (``n_features`` = p, the width of x; unknown p means "small"; T = ``threads``,
     default :func:`cpu_threads`; ``block_target`` default ``min(BLOCK_TARGET T^2,
-    BLOCK_TARGET_MAX)``; data rows ``b_d = min(DATA_BLOCK T, 256)``):
+    BLOCK_TARGET_MAX)``; data rows ``b_d = min(DATA_BLOCK T, DATA_BLOCK_MAX)``):
 
     1. ``N n <= min(block_target, budget / (3 s))``: one block (two GEMMs, sigma reused);
     2. ``p >= DATA_BLOCK_MIN_FEATURES``, ``N p s <= DATA_BLOCK_MAX_ACCUMULATOR`` and
@@ -172,7 +176,7 @@ def plan_chunks(n_particles: int, n_data: int, itemsize: int = 4, *, n_features:
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     threads = cpu_threads() if threads is None else max(1, int(threads))
     target = min(BLOCK_TARGET * threads ** 2, BLOCK_TARGET_MAX) if block_target is None else int(block_target)
-    data_block = min(DATA_BLOCK * threads, 256)
+    data_block = min(DATA_BLOCK * threads, DATA_BLOCK_MAX)
     max_pairs = max(1, budget // (_BLOCK_BUFFERS * itemsize))
     pairs = max(1, min(target, max_pairs))
     n_particles, n_data = int(n_particles), int(n_data)

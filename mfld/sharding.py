@@ -31,6 +31,7 @@ import math
 import os
 from functools import lru_cache, partial
 
+from mfld import xla
 from mfld.errors import ConfigError
 
 # NumPy is imported inside the functions: configure_cpu must be able to run before NumPy
@@ -266,7 +267,7 @@ def _runner(mesh, n_particles: int, donate: bool):
 
         return jax.lax.scan(body, state, None, length=n_steps)
 
-    return jax.jit(run, static_argnames=("n_steps",), donate_argnames=("state",) if donate else ())
+    return xla.jit(run, static_argnames=("n_steps",), donate_argnames=("state",) if donate else ())
 
 
 def run_steps(problem, sharded: ShardedState, stepper, n_steps: int):

@@ -37,7 +37,7 @@ def _drift_curvature(problem, a, w, iters, seed):
     import jax
     import jax.numpy as jnp
 
-    from mfld import network
+    from mfld import network, xla
 
     fixed = problem.output == "fixed"
 
@@ -54,7 +54,7 @@ def _drift_curvature(problem, a, w, iters, seed):
     def dot(u, v):
         return jnp.sum(u[0] * v[0]) + jnp.sum(u[1] * v[1])
 
-    @jax.jit
+    @xla.jit
     def power(shift, v0):
         def body(_, carry):
             v, _mu = carry

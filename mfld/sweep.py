@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfld import dynamics, network
+from mfld import dynamics, network, xla
 from mfld.dynamics import History, Langevin, ParticleState
 from mfld.errors import ConfigError
 from mfld.problem import Problem
@@ -90,7 +90,7 @@ def _runner(problem, stepper, donate):
         f = jax.vmap(lambda p, s, lv: dynamics.run_steps(p, s, lv, n_steps)[0], in_axes=(p_axes, 0, s_axes))
         return f(pb, state, st)
 
-    return jax.jit(run, static_argnames=("n_steps",), donate_argnames=("state",) if donate else ())
+    return xla.jit(run, static_argnames=("n_steps",), donate_argnames=("state",) if donate else ())
 
 
 _RUNNERS: dict = {}
@@ -124,7 +124,7 @@ def run(problem: Problem, stepper: Langevin, members: list[Member], n_particles:
     recorder = recorder or observables.record
     pb, state, st = _stack(problem, stepper, members, n_particles, init_kwargs or {})
     p_axes, s_axes = _axes(problem, st)
-    rec = jax.jit(jax.vmap(recorder, in_axes=(p_axes, 0)))
+    rec = xla.jit(jax.vmap(recorder, in_axes=(p_axes, 0)))
     hists = [History() for _ in members]
     etas = [float(m.eta) for m in members]
     t0 = time.perf_counter()

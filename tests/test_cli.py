@@ -59,6 +59,8 @@ def test_run_directory_files(tiny_run, capsys):
     from mfld.network import cpu_threads
 
     assert env["cpu_threads"] == cpu_threads() >= 1  # block sizes (and so rounding) follow it
+    from mfld.xla import compiler_options
+    assert env["xla_compiler_options"] == compiler_options()  # float32 rounding depends on them
 
     run = mfld.load_run(out)
     m = run.metrics

@@ -106,21 +106,21 @@ def test_plan_respects_budget_and_covers_the_problem():
 
 
 def test_plan_chooses_two_gemm_data_blocks_only_where_they_pay():
-    """The documented rules of plan_chunks: wide features (p >= 33) with a cache-sized (N, p)
-    accumulator get data blocks of all particles (two GEMMs); thin features, or an accumulator
-    too large to stay in cache, get cache-sized particle blocks (three GEMMs); blocks grow
-    with the thread count (T^2 pairs, T data rows)."""
+    """The documented rules of plan_chunks: features with p >= 8 and a cache-sized (N, p)
+    accumulator get data blocks of all particles (two GEMMs) of 128 T rows; thin features, or
+    an accumulator too large to stay in cache, get cache-sized particle blocks (three GEMMs);
+    blocks grow with the thread count (T^2 pairs, T data rows)."""
     P = network.ChunkPlan
     for t in (1, 2):
-        assert network.plan_chunks(16384, 4096, 4, n_features=101, threads=t) == P(16384, 64 * t)
+        assert network.plan_chunks(16384, 4096, 4, n_features=101, threads=t) == P(16384, 128 * t)
         # thin features: particle blocks of ~BLOCK_TARGET T^2 pairs with all data rows
         c, b = network.plan_chunks(100000, 512, 4, n_features=3, threads=t)
         assert b == 512 and c * b <= network.BLOCK_TARGET * t * t + b and c < 100000
         assert c * b > network.BLOCK_TARGET * t * t // 2
-    assert network.plan_chunks(4096, 1024, 4, n_features=51, threads=1) == P(4096, 64)
-    assert network.plan_chunks(4096, 1024, 4, n_features=51, threads=2) == P(4096, 128)
-    c, b = network.plan_chunks(4096, 1024, 4, n_features=26, threads=1)
-    assert c < 4096 and b == 1024
+        assert network.plan_chunks(4096, 1024, 4, n_features=7, threads=t).particles < 4096
+        assert network.plan_chunks(4096, 1024, 4, n_features=8, threads=t) == P(4096, 128 * t)
+    assert network.plan_chunks(4096, 1024, 4, n_features=26, threads=1) == P(4096, 128)
+    assert network.plan_chunks(8192, 4096, 4, n_features=51, threads=8) == P(8192, network.DATA_BLOCK_MAX)
     # N = 1e6, p = 101: a 400 MB accumulator would be streamed once per data block
     c, b = network.plan_chunks(10 ** 6, 10 ** 4, 4, n_features=101)
     assert c < 10 ** 6 and 3 * c * b * 4 <= network.DEFAULT_MEMORY_BUDGET

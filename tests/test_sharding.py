@@ -63,7 +63,8 @@ DEVICES_SCRIPT = SETUP + textwrap.dedent("""
                     "records": {c: float(np.abs(h[c] - h0[c]).max()) for c in h0.columns if c != "wall_time"},
                 }
     # wide features (p = 41) and a small memory budget: the device counts take different blockings
-    # of the drift (particle blocks; data blocks of all local particles, 64 or 128 rows by threads)
+    # of the drift (particle blocks; data blocks of all local particles, 128 T rows for T threads):
+    # the budget fits data blocks of the 26 local particles of 4 devices, not of 51 or 101
     with jax.enable_x64(True):
         from mfld import network
         from mfld.problem import Problem
@@ -71,11 +72,13 @@ DEVICES_SCRIPT = SETUP + textwrap.dedent("""
         x = rng.standard_normal((300, 40))
         pr = Problem.create(x, np.tanh(x[:, 0]), lam=0.1, tau=0.02, dtype=jnp.float64)
         st = dynamics.init_particles(pr, 101, 0)
-        stepper = dynamics.Langevin(0.05, memory_budget=5000 * 24)
+        rows = min(network.DATA_BLOCK * network.cpu_threads(), network.DATA_BLOCK_MAX)
+        budget = 26 * rows * 3 * 8
+        stepper = dynamics.Langevin(0.05, memory_budget=budget)
         ref, _ = dynamics.simulate(pr, st, stepper, 6, record_every=3)
         for k in (1, 2, 4):
             local = sharding.padded_count(101, k) // k
-            plan = network.plan_chunks(local, 300, 8, n_features=41, memory_budget=5000 * 24)
+            plan = network.plan_chunks(local, 300, 8, n_features=41, memory_budget=budget)
             kind = ("one" if plan == (local, 300) else "data" if plan.particles >= local else "particle")
             fin, _ = sharding.simulate(pr, st, stepper, 6, n_devices=k, record_every=3)
             a, w = sharding.gather(fin)

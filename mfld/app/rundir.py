@@ -154,6 +154,7 @@ def environment(seed: int, precision: str) -> dict:
 
     import mfld
     from mfld.network import cpu_threads
+    from mfld.xla import compiler_options
 
     return {
         "mfld": mfld.__version__,
@@ -170,6 +171,8 @@ def environment(seed: int, precision: str) -> dict:
         # the step's block sizes follow the thread count, so runs with different counts agree
         # only up to the reassociation of sums (docs/performance.md)
         "cpu_threads": cpu_threads(),
+        # XLA options the programs were compiled with (mfld.xla; change float32 rounding only)
+        "xla_compiler_options": compiler_options(),
         "x64": bool(jax.config.jax_enable_x64),
         "precision": precision,
         "seed": seed,

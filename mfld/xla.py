@@ -1,0 +1,80 @@
+"""XLA compiler settings of mfld's compiled programs (the step loops, sweeps, records).
+
+On CPU, XLA hands matrix products to YNNPACK. By default each dot is its own YNNPACK call
+and the elementwise work around it (the activation after the forward GEMM, ``sigma' * u``
+before the backward GEMM, the accumulation after it) runs as separate XLA loops, each a
+full pass over a (particles x data-block) array in memory. With
+``xla_cpu_experimental_ynn_fusion_type = LIBRARY_FUSION_TYPE_DOT`` YNNPACK fuses those
+elementwise producers and consumers into the dot and works tile by tile in cache: the
+drift of (n, d, N) = (4096, 100, 16384) ran 10-20 % faster on the 2-core AVX-512 machine,
+the other benchmark sizes 7-11 % (docs/performance.md). ``LIBRARY_FUSION_TYPE_ELTWISE`` (all
+elementwise ops to YNNPACK) was not used: it splits the noise draw's ``erf_inv`` into many
+passes (4x slower) and changes its bits.
+
+Effect on results: float32 ``tanh`` inside a fused dot is YNNPACK's (measured max error
+2.5 ulp against XLA's 4.4 ulp); float64 programs are unchanged (YNNPACK does not take them).
+A program compiles the same way every time, so runs stay bit-identical on one machine.
+
+The options are decided at the first compilation, once the backend is known: only on CPU,
+only if this jaxlib accepts the option (checked by compiling a tiny program), and not when
+the environment variable ``MFLD_XLA_DOT_FUSION=0`` is set. ``env.json`` of a run records
+:func:`compiler_options`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+#: Options added to every compiled mfld program on CPU.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+#: Set to "0" to compile without :data:`CPU_COMPILER_OPTIONS` (e.g. to compare).
+ENV_SWITCH = "MFLD_XLA_DOT_FUSION"
+
+
+@functools.cache
+def compiler_options() -> dict:
+    """The XLA options mfld compiles with on this backend (``{}`` if none apply)."""
+    import jax
+    import jax.numpy as jnp
+
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0" or jax.default_backend() != "cpu":
+        return {}
+    try:
+        jax.jit(lambda m: jnp.tanh(m @ m), compiler_options=CPU_COMPILER_OPTIONS).lower(
+            jnp.ones((2, 2), jnp.float32)).compile()
+    except Exception:  # an older/newer jaxlib without the option: compile as XLA does
+        return {}
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+class _LazyJit:
+    """``jax.jit(fun, **kwargs)`` with :func:`compiler_options`, built at the first use (the
+    backend must not be started at import time: see :func:`mfld.sharding.configure_cpu`)."""
+
+    def __init__(self, fun, kwargs):
+        self._fun, self._kwargs, self._jitted = fun, kwargs, None
+        functools.update_wrapper(self, fun)
+
+    def _get(self):
+        if self._jitted is None:
+            import jax
+
+            self._jitted = jax.jit(self._fun, compiler_options=compiler_options() or None, **self._kwargs)
+        return self._jitted
+
+    def __call__(self, *args, **kwargs):
+        return self._get()(*args, **kwargs)
+
+    def __getattr__(self, name):  # lower, trace, _cache_size, ... of the jitted function
+        if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted"):
+            raise AttributeError(name)
+        return getattr(self._get(), name)
+
+
+def jit(fun=None, **kwargs):
+    """``jax.jit`` with mfld's compiler options (see the module docstring). Usable as
+    ``jit(f, static_argnames=...)`` or as a decorator."""
+    if fun is None:
+        return functools.partial(jit, **kwargs)
+    return _LazyJit(fun, kwargs)
