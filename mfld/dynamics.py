@@ -261,9 +261,14 @@ def run_steps(problem: Problem, state: ParticleState, stepper: Langevin, n_steps
     return jax.lax.scan(body, state, None, length=n_steps)
 
 
-_run_steps_jit = xla.jit(run_steps, static_argnames=("n_steps",))
+def _fusion_pays(problem, state, stepper, n_steps=None):
+    return network.dot_fusion_pays(problem, state.w.shape[0], stepper.batch_size, stepper.memory_budget)
+
+
+_run_steps_jit = xla.jit(run_steps, static_argnames=("n_steps",), fuse_if=_fusion_pays)
 # The same, donating the particle buffers of ``state`` (only for states nobody else holds).
-_run_steps_donate = xla.jit(run_steps, static_argnames=("n_steps",), donate_argnames=("state",))
+_run_steps_donate = xla.jit(run_steps, static_argnames=("n_steps",), donate_argnames=("state",),
+                            fuse_if=_fusion_pays)
 
 
 def _advance(problem, state, stepper, n, donate):

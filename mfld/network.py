@@ -198,6 +198,24 @@ def plan_chunks(n_particles: int, n_data: int, itemsize: int = 4, *, n_features:
     return ChunkPlan(c, b)
 
 
+def drift_plan(problem: Problem, n_particles: int, batch_size: int | None = None,
+               memory_budget: int | None = None) -> ChunkPlan:
+    """The blocking :func:`interaction` uses in a step with ``n_particles`` (per-device)
+    particles and minibatches of ``batch_size`` rows (``None``: all rows)."""
+    n = problem.x.shape[0]
+    m = n if batch_size is None or batch_size >= n else int(batch_size)
+    return plan_chunks(n_particles, m, problem.x.dtype.itemsize, n_features=problem.x.shape[1],
+                       memory_budget=memory_budget)
+
+
+def dot_fusion_pays(problem: Problem, n_particles: int, batch_size: int | None = None,
+                    memory_budget: int | None = None) -> bool:
+    """Whether a step program should be compiled with YNNPACK's dot fusion (:mod:`mfld.xla`):
+    yes for one block and data blocks (measured 1.1-1.6x), no for particle blocks (0.7-0.85x
+    with one thread and with wide features; docs/performance.md)."""
+    return drift_plan(problem, n_particles, batch_size, memory_budget).particles >= n_particles
+
+
 def _balanced(total, size):
     size = max(1, min(size, total))
     k = -(-total // size)

@@ -267,7 +267,14 @@ def _runner(mesh, n_particles: int, donate: bool):
 
         return jax.lax.scan(body, state, None, length=n_steps)
 
-    return xla.jit(run, static_argnames=("n_steps",), donate_argnames=("state",) if donate else ())
+    def fuse_if(problem, state, stepper, n_steps=None):
+        from mfld import network
+
+        return network.dot_fusion_pays(problem, state.w.shape[0] // mesh.size, stepper.batch_size,
+                                       stepper.memory_budget)
+
+    return xla.jit(run, static_argnames=("n_steps",), donate_argnames=("state",) if donate else (),
+                   fuse_if=fuse_if)
 
 
 def run_steps(problem, sharded: ShardedState, stepper, n_steps: int):

@@ -90,7 +90,11 @@ def _runner(problem, stepper, donate):
         f = jax.vmap(lambda p, s, lv: dynamics.run_steps(p, s, lv, n_steps)[0], in_axes=(p_axes, 0, s_axes))
         return f(pb, state, st)
 
-    return xla.jit(run, static_argnames=("n_steps",), donate_argnames=("state",) if donate else ())
+    def fuse_if(pb, state, st, n_steps=None):  # state leaves: (members, N, ...)
+        return network.dot_fusion_pays(pb, state.w.shape[1], st.batch_size, st.memory_budget)
+
+    return xla.jit(run, static_argnames=("n_steps",), donate_argnames=("state",) if donate else (),
+                   fuse_if=fuse_if)
 
 
 _RUNNERS: dict = {}

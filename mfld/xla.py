@@ -19,6 +19,11 @@ The options are decided at the first compilation, once the backend is known: onl
 only if this jaxlib accepts the option (checked by compiling a tiny program), and not when
 the environment variable ``MFLD_XLA_DOT_FUSION=0`` is set. ``env.json`` of a run records
 :func:`compiler_options`.
+
+Where the drift is evaluated in particle blocks (thin features, huge N; see
+:func:`mfld.network.plan_chunks`) the fusion made the step slower (0.7-0.85x, each block's
+small GEMMs and the recomputed activations gain nothing from it), so the step programs are
+compiled without it there (:func:`mfld.network.dot_fusion_pays`).
 """
 
 from __future__ import annotations
@@ -50,31 +55,41 @@ def compiler_options() -> dict:
 
 class _LazyJit:
     """``jax.jit(fun, **kwargs)`` with :func:`compiler_options`, built at the first use (the
-    backend must not be started at import time: see :func:`mfld.sharding.configure_cpu`)."""
+    backend must not be started at import time: see :func:`mfld.sharding.configure_cpu`).
+    With ``fuse_if``, calls for which ``fuse_if(*args, **kwargs)`` is false (a static
+    property of the arguments' shapes) go to a second jitted function without the options."""
 
-    def __init__(self, fun, kwargs):
-        self._fun, self._kwargs, self._jitted = fun, kwargs, None
+    def __init__(self, fun, fuse_if, kwargs):
+        self._fun, self._fuse_if, self._kwargs = fun, fuse_if, kwargs
+        self._jitted = {}
         functools.update_wrapper(self, fun)
 
-    def _get(self):
-        if self._jitted is None:
+    def _get(self, fused=True):
+        if fused not in self._jitted:
             import jax
 
-            self._jitted = jax.jit(self._fun, compiler_options=compiler_options() or None, **self._kwargs)
-        return self._jitted
+            opts = compiler_options() if fused else {}
+            self._jitted[fused] = jax.jit(self._fun, compiler_options=opts or None, **self._kwargs)
+        return self._jitted[fused]
 
     def __call__(self, *args, **kwargs):
-        return self._get()(*args, **kwargs)
+        fused = True if self._fuse_if is None else bool(self._fuse_if(*args, **kwargs))
+        return self._get(fused)(*args, **kwargs)
 
-    def __getattr__(self, name):  # lower, trace, _cache_size, ... of the jitted function
-        if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted"):
+    def _cache_size(self):
+        return sum(f._cache_size() for f in self._jitted.values())
+
+    def __getattr__(self, name):  # lower, trace, ... of the (fused) jitted function
+        if name.startswith("__") or name in ("_fun", "_fuse_if", "_kwargs", "_jitted"):
             raise AttributeError(name)
         return getattr(self._get(), name)
 
 
-def jit(fun=None, **kwargs):
+def jit(fun=None, *, fuse_if=None, **kwargs):
     """``jax.jit`` with mfld's compiler options (see the module docstring). Usable as
-    ``jit(f, static_argnames=...)`` or as a decorator."""
+    ``jit(f, static_argnames=...)`` or as a decorator. ``fuse_if(*args, **kwargs) -> bool``:
+    compile without the options for calls where it is false (the drift's particle blocks,
+    :func:`mfld.network.dot_fusion_pays`)."""
     if fun is None:
-        return functools.partial(jit, **kwargs)
-    return _LazyJit(fun, kwargs)
+        return functools.partial(jit, fuse_if=fuse_if, **kwargs)
+    return _LazyJit(fun, fuse_if, kwargs)

@@ -94,3 +94,22 @@ def test_lazy_jit_forwards_the_jitted_function():
     assert float(f(jnp.float32(3))) == 6.0
     assert "multiply" in f.lower(jnp.float32(1)).as_text()
     assert f._cache_size() == 1
+
+
+def test_step_programs_skip_the_fusion_only_for_particle_blocks():
+    """dot_fusion_pays follows the drift's plan (fused: one block and data blocks), and the
+    step program routes each call accordingly."""
+    P = network.ChunkPlan
+    wide, a, w = _case(jnp.float32, n=4096, d=100, N=16384)
+    assert network.drift_plan(wide, 16384) == network.plan_chunks(16384, 4096, 4, n_features=101)
+    assert network.drift_plan(wide, 16384).particles == 16384 and network.dot_fusion_pays(wide, 16384)
+    assert not network.dot_fusion_pays(wide, 16384, memory_budget=3 * 4 * 16384 * 8)  # too small
+    assert network.drift_plan(wide, 16384, batch_size=64) == P(16384, 64)  # minibatch: one block
+    thin, _, _ = _case(jnp.float32, n=512, d=2, N=8)
+    assert not network.dot_fusion_pays(thin, 100000) and network.dot_fusion_pays(thin, 100)
+
+    calls = []
+    f = xla.jit(lambda v: v + 1, fuse_if=lambda v: calls.append(v.shape) or v.shape[0] > 2)
+    f(jnp.ones(3))
+    f(jnp.ones(2))
+    assert calls == [(3,), (2,)] and set(f._jitted) == {True, False} and f._cache_size() == 2
