@@ -36,6 +36,10 @@ def parse():
     ap.add_argument("--threads", type=int, default=None, help="pin to this many cores (before JAX starts)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions per contender")
     ap.add_argument("--target-seconds", type=float, default=0.4, help="wall time of one repetition")
+    ap.add_argument("--settle", type=float, default=0.3,
+                    help="seconds of idle before each timed repetition: OpenBLAS worker threads spin "
+                         "~0.1 s after a call (OpenMP's and XLA's briefly), which would slow whichever "
+                         "contender runs next")
     ap.add_argument("--quick", action="store_true", help="3 repetitions of ~0.2 s")
     ap.add_argument("--no-scaling", action="store_true", help="skip the N and n scaling tables")
     ap.add_argument("--no-torch", action="store_true")
@@ -199,6 +203,7 @@ def bench(contenders: dict, reps: int, target: float):
     times = {name: [] for name in contenders}
     for _ in range(reps):  # interleaved
         for name, run in contenders.items():
+            time.sleep(ARGS.settle)  # let the previous contender's pool threads stop spinning
             t = time.perf_counter()
             run(ks[name])
             times[name].append((time.perf_counter() - t) / ks[name])
