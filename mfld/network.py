@@ -270,7 +270,7 @@ def _backward_sums(act, w, x, u, plan: ChunkPlan, axis_name=None):
 
     def block(wi, xj, uj):
         s, ds = act.value_and_derivative(wi @ xj.T)
-        return s @ uj, (ds * uj[None, :]) @ xj
+        return s @ uj, ds @ (uj[:, None] * xj)
 
     def per_chunk(wi):
         if nb == 1:
@@ -307,7 +307,7 @@ def _data_blocked(problem, a_eff, w, x, y, scale, plan: ChunkPlan, axis_name):
             fsum = jax.lax.psum(fsum, axis_name)
         f = scale * fsum
         u = jnp.where(rj, problem.loss.derivative(f, yj), 0.0)
-        return (acc[0] + s @ u, acc[1] + (ds * u[None, :]) @ xj), (f, u)
+        return (acc[0] + s @ u, acc[1] + ds @ (u[:, None] * xj)), (f, u)
 
     init = _varying((jnp.zeros(N, x.dtype), jnp.zeros(w.shape, x.dtype)), axis_name)
     (gsum, hsum), (f, u) = jax.lax.scan(body, init, (xb, yb, real))
@@ -351,7 +351,10 @@ def interaction(problem: Problem, a, w, x=None, y=None, *, n_particles=None, act
             fsum = jax.lax.psum(fsum, axis_name)
         f = scale * fsum
         u = problem.loss.derivative(f, y)
-        gsum, hsum = s @ u, (ds * u[None, :]) @ x
+        # u scales the (m, p) rows of x, not the (N, m) block: one pass over the block less
+        # (with YNNPACK's dot fusion the other order was 11 % slower on one thread at
+        # (n, d, N) = (256, 10, 1024))
+        gsum, hsum = s @ u, ds @ (u[:, None] * x)
     elif plan.particles >= w.shape[0]:  # data blocks: two GEMMs, f complete per block
         f, u, gsum, hsum = _data_blocked(problem, a_eff, w, x, y, scale, plan, axis_name)
     else:  # particle blocks: the backward pass recomputes w x^T blockwise
