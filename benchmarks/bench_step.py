@@ -35,7 +35,10 @@ def parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="pin to this many cores (before JAX starts)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions per contender")
-    ap.add_argument("--target-seconds", type=float, default=0.4, help="wall time of one repetition")
+    ap.add_argument("--target-seconds", type=float, default=1.5,
+                    help="wall time of one repetition (mfld: one compiled call of that many steps, as a "
+                         "run's segments are; with 0.4 s the big size ran 2 steps per call and lost ~10 %% "
+                         "to per-call costs)")
     ap.add_argument("--settle", type=float, default=0.3,
                     help="seconds of idle before each timed repetition: OpenBLAS worker threads spin "
                          "~0.1 s after a call (OpenMP's and XLA's briefly), which would slow whichever "
@@ -45,6 +48,7 @@ def parse():
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--memory-check", action="store_true", help="only: peak RSS of one big step")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--only", default=None, help="only these grid rows, e.g. 4096,100,16384 (';'-separated)")
     return ap.parse_args()
 
 
@@ -267,9 +271,11 @@ def main():
     print(f"fp32 GEMM ceiling: {ceiling:.0f} GFLOP/s ({', '.join(f'{k} {v:.0f}' for k, v in parts.items())})")
     results = {"machine": info, "ceiling_gflops": ceiling, "grid": [], "scaling_N": [], "scaling_n": []}
     hdr = (f"{'n':>5} {'d':>4} {'N':>7} | {'mfld':>8} {'numpy':>8} {'torch':>8} | "
-           f"{'x numpy':>7} {'x torch':>7} | {'GEMM %':>6} | {'x unfused':>9}")
-    print("\nsteps/s (median of interleaved repetitions)\n" + hdr + "\n" + "-" * len(hdr))
-    for n, d, N in GRID:
+           f"{'x numpy':>7} {'x torch':>7} | {'GEMM %':>6} {'best':>4} | {'x unfused':>9}")
+    print("\nsteps/s (median of interleaved repetitions; GEMM % of the median and of the best "
+          "repetition)\n" + hdr + "\n" + "-" * len(hdr))
+    grid = GRID if not ARGS.only else [tuple(int(v) for v in row.split(",")) for row in ARGS.only.split(";")]
+    for n, d, N in grid:
         x, y, a, w = data(n, d, N)
         cont = {"mfld": make_mfld(x, y, a, w), "numpy": make_numpy(x, y, a, w)}
         if xla.compiler_options():
@@ -279,7 +285,8 @@ def main():
         r = bench(cont, ARGS.reps, ARGS.target_seconds)
         sps = {k: 1 / v["median_s"] for k, v in r.items()}
         share = 4 * n * d * N / r["mfld"]["median_s"] / 1e9 / ceiling
-        row = {"n": n, "d": d, "N": N, "steps_per_s": sps, "gemm_share": share,
+        share_best = 4 * n * d * N / r["mfld"]["best_s"] / 1e9 / ceiling
+        row = {"n": n, "d": d, "N": N, "steps_per_s": sps, "gemm_share": share, "gemm_share_best": share_best,
                "plan": list(network.plan_chunks(N, n, 4, n_features=d + 1)), "raw": r,
                "load_avg": os.getloadavg()}
         results["grid"].append(row)
@@ -288,7 +295,7 @@ def main():
         t_r = f"{sps['mfld'] / tsp:.2f}" if tsp else "-"
         u_r = f"{sps['mfld'] / sps['mfld_unfused']:.2f}" if "mfld_unfused" in sps else "-"
         print(f"{n:>5} {d:>4} {N:>7} | {sps['mfld']:>8.1f} {sps['numpy']:>8.1f} {t_s:>8} | "
-              f"{sps['mfld'] / sps['numpy']:>7.2f} {t_r:>7} | {100 * share:>5.0f}% | {u_r:>9}"
+              f"{sps['mfld'] / sps['numpy']:>7.2f} {t_r:>7} | {100 * share:>5.0f}% {100 * share_best:>3.0f}% | {u_r:>9}"
               f"   load {os.getloadavg()[0]:.1f}",
               flush=True)
     if not ARGS.no_scaling:
