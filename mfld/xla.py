@@ -5,11 +5,12 @@ and the elementwise work around it (the activation after the forward GEMM, ``sig
 before the backward GEMM, the accumulation after it) runs as separate XLA loops, each a
 full pass over a (particles x data-block) array in memory. With
 ``xla_cpu_experimental_ynn_fusion_type = LIBRARY_FUSION_TYPE_DOT`` YNNPACK fuses those
-elementwise producers and consumers into the dot and works tile by tile in cache: the
-drift of (n, d, N) = (4096, 100, 16384) ran 10-20 % faster on the 2-core AVX-512 machine,
-the other benchmark sizes 7-11 % (docs/performance.md). ``LIBRARY_FUSION_TYPE_ELTWISE`` (all
-elementwise ops to YNNPACK) was not used: it splits the noise draw's ``erf_inv`` into many
-passes (4x slower) and changes its bits.
+elementwise producers and consumers into the dot and works tile by tile in cache. On the
+2-core AVX-512 machine the step at (n, d, N) = (4096, 100, 16384) ran 1.28x faster (174
+against 223 ms), at (1024, 50, 4096) 1.11x, at (256, 10, 1024) 1.0-1.15x
+(``benchmarks/bench_step.py``, column ``x unfused``; docs/performance.md).
+``LIBRARY_FUSION_TYPE_ELTWISE`` (all elementwise ops to YNNPACK) was not used: it splits the
+noise draw's ``erf_inv`` into many passes (4x slower) and changes its bits.
 
 Effect on results: float32 ``tanh`` inside a fused dot is YNNPACK's (measured max error
 2.5 ulp against XLA's 4.4 ulp); float64 programs are unchanged (YNNPACK does not take them).
