@@ -75,13 +75,41 @@ __all__ = [
     "ess_threshold",
     "pareto_k",
     "mc_warnings",
+    "withheld_reason",
+    "WITHHELD",
+    "Proposal",
+    "adapt_proposal",
+    "MEMORY_BUDGET",
+    "QUAD_MAX_DIM",
 ]
 
 METHODS = ("auto", "closed_form", "quadrature", "mc")
-_MARGIN = 40.0  # nats: the integrand is negligible (e^-40 of its maximum) outside the box
-_MAX_NODES_X_DATA = 2 ** 24  # cap on (#nodes * n) for the quadrature grid (~128 MB of sigma values)
+#: Largest dim(w) offered the (certified) tensor quadrature.
+QUAD_MAX_DIM = 3
+_MARGIN = 40.0  # nats: the integrand is negligible (e^-40 of its maximum) outside the ball
+_MAX_NODES_X_DATA = 2 ** 24  # cap on (#nodes * n) for refining the quadrature grid (~128 MB of sigma values)
 _CHUNK = 2 ** 21  # elements per chunk of sigma values when they are not cached
 _QUAD_TOL = 1e-11
+
+#: Memory budget (bytes) of one evaluation of log Z / D / F(rho_hat): node arrays plus one
+#: chunk of sigma values. A quadrature whose first grid does not fit (or whose sigma
+#: evaluations exceed :data:`QUAD_MAX_WORK`) is not attempted: ``auto`` falls back to Monte
+#: Carlo with the adapted proposal, an explicit ``quadrature`` returns the trivial bounds
+#: with the reason. Monte Carlo sample counts are capped by the same budget.
+MEMORY_BUDGET = 2 ** 29
+#: Largest number of sigma evaluations (nodes x data points) of one quadrature evaluation.
+QUAD_MAX_WORK = 2 ** 27
+
+#: Why a bound was withheld (the ``withheld`` column of :func:`certify`; 0: reported).
+WITHHELD = {
+    0: "",
+    1: "non-finite particles or network output: the state diverged",
+    2: "the Gibbs integral Z(u) diverges or could not be resolved (D = -inf)",
+    3: "Monte Carlo effective sample size below the threshold",
+    4: "Monte Carlo importance weights heavy-tailed (Pareto k_hat > 0.7)",
+    5: "the evaluation was not finite (overflow in the data or the state)",
+    6: "the quadrature does not fit the memory budget",
+}
 
 #: The effective sample size below which a Monte Carlo certificate is flagged (``ess_low``):
 #: ESS < max(ESS_MIN, ESS_MIN_FRACTION * samples). Why these numbers: the standard error is
@@ -92,7 +120,7 @@ _QUAD_TOL = 1e-11
 #: constant; a fraction below 1% means chi^2 > 99, and with infinite-variance weights ESS/M
 #: falls to 0 as M grows (like M^(1 - 2k) for tail index k), so more samples barely help.
 ESS_MIN = 100.0
-ESS_MIN_FRACTION = 0.01
+ESS_MIN_FRACTION = 0.1
 #: Pareto k_hat above which importance-sampling estimates are unreliable (Vehtari, Simpson,
 #: Gelman, Yao, Gabry, "Pareto smoothed importance sampling", JMLR 2024: min(1 - 1/log10 S,
 #: 0.7), which is 0.7 for S >= 2200 samples).
@@ -207,7 +235,7 @@ def _sigma_matrix(spec: _Spec, w: np.ndarray, key) -> np.ndarray | None:
     if full_key in _CACHE:
         _CACHE.move_to_end(full_key)
         return _CACHE[full_key]
-    s = spec.sigma(w @ spec.x.T)
+    s = _sigma_rows(spec, w)
     _CACHE[full_key] = s
     while sum(v.nbytes for v in _CACHE.values()) > _CACHE_BYTES and len(_CACHE) > 1:
         _CACHE.popitem(last=False)
@@ -225,6 +253,8 @@ class _Nodes:
     kind: str  # "quadrature" or "mc"
     h: float = math.nan
     radius: float = math.nan
+    proposal: object = None  # the importance proposal (Monte Carlo)
+    shell: np.ndarray | None = None  # quadrature: nodes on the boundary of the ball
 
     def rows(self, spec):
         if self.S is not None:
@@ -233,7 +263,7 @@ class _Nodes:
         step = max(1, _CHUNK // max(spec.n, 1))
         for i in range(0, self.w.shape[0], step):
             sl = slice(i, min(i + step, self.w.shape[0]))
-            yield sl, spec.sigma(self.w[sl] @ spec.x.T)
+            yield sl, _sigma_rows(spec, self.w[sl])
 
     def matvec(self, spec, v):
         out = np.empty(self.w.shape[0])
@@ -253,28 +283,179 @@ class _Nodes:
                       self.h * 2, self.radius)
 
 
-def _mc_nodes(spec: _Spec, n_samples: int, seed: int) -> _Nodes:
+@dataclass(frozen=True, eq=False)
+class Proposal:
+    """Importance proposal over w: the defensive mixture
+    q = alpha N(0, s^2 I) + (1 - alpha)/C sum_c N(m_c, L_c L_c^T), s^2 = tau/lam (the prior).
+
+    The prior component keeps every importance weight target/q at most 1/alpha times the
+    weight under the prior alone, so adapting can only help (Hesterberg's defensive
+    importance sampling); the Gaussian components are fitted to the tilted densities
+    (one per sign group of a fixed output layer), see :func:`adapt_proposal`.
+    """
+
+    sd: float
+    alpha: float = 1.0
+    means: np.ndarray | None = None  # (C, p)
+    chols: np.ndarray | None = None  # (C, p, p) lower Cholesky factors
+
+    @property
+    def n_components(self) -> int:
+        return 0 if self.means is None else int(self.means.shape[0])
+
+    def sample(self, rng, m: int, p: int) -> np.ndarray:
+        z = rng.standard_normal((m, p))
+        if self.n_components == 0 or self.alpha >= 1.0:
+            return self.sd * z
+        probs = np.concatenate([[self.alpha], np.full(self.n_components, (1.0 - self.alpha) / self.n_components)])
+        comp = rng.choice(probs.size, size=m, p=probs)
+        w = self.sd * z
+        for c in range(self.n_components):
+            sel = comp == c + 1
+            w[sel] = self.means[c] + z[sel] @ self.chols[c].T
+        return w
+
+    def logpdf(self, w: np.ndarray) -> np.ndarray:
+        p = w.shape[1]
+        prior = (-0.5 * np.sum(w * w, axis=1) / self.sd ** 2 - p * math.log(self.sd)
+                 - 0.5 * p * math.log(2 * math.pi))
+        if self.n_components == 0 or self.alpha >= 1.0:
+            return prior
+        terms = [math.log(self.alpha) + prior]
+        lc = math.log((1.0 - self.alpha) / self.n_components)
+        for m_c, L in zip(self.means, self.chols, strict=True):
+            r = np.linalg.solve(L, (w - m_c).T)  # (p, M): L^-1 (w - m)
+            logdet = float(np.sum(np.log(np.diag(L))))
+            terms.append(lc - 0.5 * np.sum(r * r, axis=0) - logdet - 0.5 * p * math.log(2 * math.pi))
+        return logsumexp(np.stack(terms), axis=0)
+
+    def as_dict(self) -> dict:
+        return {"alpha": self.alpha, "components": self.n_components,
+                "means": None if self.means is None else self.means.tolist()}
+
+
+#: Defensive weight of the prior in an adapted proposal.
+PROPOSAL_DEFENSIVE = 0.1
+#: Adaptation stages and the pilot sample of each.
+PROPOSAL_STAGES = 4
+PROPOSAL_PILOT = 4096
+#: Variance inflation of the fitted Gaussians (pilot stages, final proposal).
+_INFLATE_PILOT, _INFLATE_FINAL = 1.5, 1.2
+
+
+def _log_target(spec: _Spec, w: np.ndarray, lc: np.ndarray) -> np.ndarray:
+    return -0.5 * spec.lam / spec.tau * np.sum(w * w, axis=1) + lc
+
+
+def adapt_proposal(spec: _Spec, u: np.ndarray, rng, *, stages: int = PROPOSAL_STAGES,
+                   pilot: int = PROPOSAL_PILOT) -> Proposal:
+    """Fit the proposal to the tilted densities mu_c(w) ~ exp(-lam|w|^2/(2 tau) + l_c(w)) at u.
+
+    Population Monte Carlo with moment matching: start from the prior; at each stage draw
+    ``pilot`` points from the current proposal, weight them by target/proposal and set each
+    component to the weighted mean and the (inflated) weighted covariance, shrunk towards
+    the prior covariance when the pilot's own effective sample size is small. The fitted
+    proposal is then used with *fresh* samples (the pilot's are discarded), so the final
+    estimate and its standard error are those of plain importance sampling.
+    """
+    p, sd = spec.p, math.sqrt(spec.tau / spec.lam)
+    prop = Proposal(sd)
+    if not np.all(np.isfinite(u)):
+        return prop
+    for stage in range(stages):
+        w = prop.sample(rng, pilot, p)
+        g = _sigma_rows(spec, w) @ u / spec.n
+        if not np.all(np.isfinite(g)):
+            return prop
+        comps, _, _ = _components(spec, g)
+        logq = prop.logpdf(w)
+        inflate = _INFLATE_FINAL if stage == stages - 1 else _INFLATE_PILOT
+        means, chols = [], []
+        for _pi, lc, _b in comps:
+            lw = _log_target(spec, w, lc) - logq
+            if not np.all(np.isfinite(lw)):
+                return prop
+            om = np.exp(lw - logsumexp(lw))
+            ess = 1.0 / float(om @ om)
+            mean = om @ w
+            dev = w - mean
+            cov = (dev.T * om) @ dev
+            k = p + 2.0  # prior pseudo-observations: a pilot with a handful of effective points stays near the prior
+            cov = (ess * inflate * cov + k * sd * sd * np.eye(p)) / (ess + k)
+            mean = ess * mean / (ess + k)
+            try:
+                chols.append(np.linalg.cholesky(cov + 1e-12 * sd * sd * np.eye(p)))
+            except np.linalg.LinAlgError:
+                return prop
+            means.append(mean)
+        prop = Proposal(sd, PROPOSAL_DEFENSIVE, np.array(means), np.array(chols))
+    return prop
+
+
+def _sigma_rows(spec: _Spec, w: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return spec.sigma(w @ spec.x.T)
+
+
+def _mc_cap(spec: _Spec, memory_budget: int | None) -> int:
+    """Largest Monte Carlo sample whose node arrays and sigma matrix fit the memory budget."""
+    budget = MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    return max(1024, budget // (8 * (spec.p + spec.n + 16)))
+
+
+def _mc_nodes(spec: _Spec, n_samples: int, seed: int, u=None, *, proposal: Proposal | None = None) -> _Nodes:
+    """``n_samples`` importance-sampling nodes: from ``proposal``, else the proposal adapted
+    to u (:func:`adapt_proposal`), else the prior N(0, tau/lam I)."""
     m = int(n_samples)
     if m < 2:
         raise ConfigError("need at least 2 Monte Carlo samples", field="record.certify_samples", value=m)
     sd = math.sqrt(spec.tau / spec.lam)
-    w = sd * np.random.default_rng([int(seed), 7919]).standard_normal((m, spec.p))
-    logbase = np.full(m, 0.5 * spec.p * math.log(2 * math.pi * spec.tau / spec.lam) - math.log(m))
-    S = _sigma_matrix(spec, w, ("mc", m, int(seed), sd))
-    return _Nodes(w, logbase, S, "mc")
+    rng = np.random.default_rng([int(seed), 7919])
+    if proposal is None:
+        proposal = Proposal(sd) if u is None else adapt_proposal(spec, np.asarray(u, dtype=np.float64), rng)
+    w = proposal.sample(rng, m, spec.p)
+    with np.errstate(over="ignore", invalid="ignore"):
+        logbase = _log_target(spec, w, 0.0) - proposal.logpdf(w) - math.log(m)
+    key = ("mc", hashlib.sha1(w.tobytes()).hexdigest())
+    S = _sigma_matrix(spec, w, key)
+    nodes = _Nodes(w, logbase, S, "mc")
+    nodes.proposal = proposal
+    return nodes
+
+
+def _ball_indices(p: int, half: int) -> np.ndarray:
+    """Integer points i in {-half..half}^p with |i|_2 <= half (built slice by slice, so the
+    cube is never materialised)."""
+    idx1 = np.arange(-half, half + 1)
+    if p == 1:
+        return idx1[:, None]
+    mesh = np.meshgrid(*([idx1] * (p - 1)), indexing="ij")
+    rest = np.stack([m.reshape(-1) for m in mesh], axis=1)
+    r2 = np.sum(rest * rest, axis=1)
+    parts = []
+    for i0 in idx1:
+        sel = rest[r2 <= half * half - i0 * i0]
+        parts.append(np.concatenate([np.full((sel.shape[0], 1), i0), sel], axis=1))
+    return np.concatenate(parts, axis=0)
+
+
+def _ball_count(p: int, half: int) -> float:
+    """An upper estimate of the number of lattice points in the ball of radius ``half``."""
+    vol = math.pi ** (p / 2) / math.gamma(p / 2 + 1) * (half + 1.0) ** p
+    return min(vol * 1.05 + 2.0 * (2 * half + 1) ** (p - 1), float(2 * half + 1) ** p)
 
 
 def _grid_nodes(spec: _Spec, half: int, h: float) -> tuple[_Nodes, _Nodes]:
-    """The fine grid h * {-half..half}^p and its even-index subgrid (spacing 2h, ``half`` even)."""
-    idx1 = np.arange(-half, half + 1)
-    mesh = np.meshgrid(*([idx1] * spec.p), indexing="ij")
-    ij = np.stack([m.reshape(-1) for m in mesh], axis=1)
+    """The fine grid h * {i in Z^p : |i| <= half} (a ball: the integrand is negligible outside
+    it, see :class:`_Quadrature`) and its even-index subgrid (spacing 2h, ``half`` even)."""
+    ij = _ball_indices(spec.p, half)
     w = h * ij
     base = -0.5 * spec.lam / spec.tau * np.sum(w * w, axis=1)
     S = _sigma_matrix(spec, w, ("grid", spec.p, half, float(h)))
     fine = _Nodes(w, base + spec.p * math.log(h), S, "quadrature", h, half * h)
     sel = np.nonzero(np.all(ij % 2 == 0, axis=1))[0]
     coarse = fine.subset(sel, base[sel] + spec.p * math.log(2 * h))
+    fine.shell = np.sum(ij * ij, axis=1) > (half - 1.5) ** 2  # the outermost layer of nodes
     return fine, coarse
 
 
@@ -395,6 +576,16 @@ def mc_warnings(columns) -> list[str]:
         return None if v is None else np.asarray(v, dtype=np.float64).reshape(-1)
 
     out = []
+    held = col("withheld")
+    if held is not None and held.size:
+        codes = held[np.isfinite(held) & (held > 0)]
+        step_all = col("step")
+        for code in sorted(set(int(c) for c in codes)):
+            idx = np.nonzero(held == code)[0]
+            where = (f", first at step {int(step_all[idx[0]])}" if step_all is not None and step_all.size == held.size
+                     else "")
+            out.append(f"certificate withheld in {idx.size} records (dual_lower = -inf, primal_upper = +inf"
+                       f"{where}): {withheld_reason(code)} (withheld = {code})")
     low, ess, kk, step = col("ess_low"), col("ess"), col("pareto_k"), col("step")
     if low is not None and low.size:
         bad = np.nonzero(low == 1.0)[0]
@@ -454,13 +645,44 @@ class Evaluation:
         return self.method == "mc" and bool(self.ess < ess_threshold(self.n_samples))
 
     @property
+    def withheld(self) -> int:
+        """0 when the bounds are reported, else why not (a key of :data:`WITHHELD`)."""
+        if self.info.get("withheld"):
+            return int(self.info["withheld"])
+        if self.D == -math.inf:
+            return 2
+        if not (math.isfinite(self.D) and math.isfinite(self.F)):
+            return 5
+        if self.method == "mc":
+            if self.ess_low:
+                return 3
+            if self.pareto_k > PARETO_K_MAX:
+                return 4
+        return 0
+
+    @property
+    def reason(self) -> str:
+        """Why the bounds are withheld ('' when they are reported)."""
+        code = self.withheld
+        if not code:
+            return ""
+        extra = self.info.get("reason")
+        if code in (3, 4):
+            extra = f"ESS {self.ess:.3g} of {self.n_samples} samples, Pareto k_hat {self.pareto_k:.2g}"
+        return WITHHELD[code] + (f" ({extra})" if extra and extra != WITHHELD[code] else "")
+
+    @property
     def lower(self) -> float:
-        """A lower bound on F* (statistical, D - 2 SE, if Monte Carlo)."""
+        """A lower bound on F* (statistical, D - 2 SE, if Monte Carlo); -inf when withheld."""
+        if self.withheld:
+            return -math.inf
         return self.D - (2.0 * self.se_D if self.method == "mc" else self.err_D)
 
     @property
     def upper(self) -> float:
-        """An upper bound on F* (statistical, F + 2 SE, if Monte Carlo)."""
+        """An upper bound on F* (statistical, F + 2 SE, if Monte Carlo); +inf when withheld."""
+        if self.withheld:
+            return math.inf
         return self.F + (2.0 * self.se_F if self.method == "mc" else self.err_F)
 
 
@@ -556,37 +778,71 @@ def _sigma_growth(spec: _Spec, u: np.ndarray) -> float | None:
 
 
 class _Quadrature:
-    """Adaptive tensor trapezoid rule over w (p <= 2); see the module docstring."""
+    """Adaptive trapezoid rule over w on a ball of lattice points (p <= :data:`QUAD_MAX_DIM`);
+    see the module docstring.
 
-    def __init__(self, spec: _Spec, u: np.ndarray, *, tol: float = _QUAD_TOL, max_levels: int = 6):
+    ``unresolved``: None, or (withheld code, reason) when no grid within the memory budget
+    holds the integrand (code 6: the first grid does not fit; code 2: Z(u) diverges or the
+    largest ball does not hold it); then :meth:`evaluate` returns the trivial bounds.
+    """
+
+    def __init__(self, spec: _Spec, u: np.ndarray, *, tol: float = _QUAD_TOL, max_levels: int = 6,
+                 memory_budget: int | None = None):
         self.spec = spec
+        self.budget = MEMORY_BUDGET if memory_budget is None else int(memory_budget)
         s = math.sqrt(spec.tau / spec.lam)
-        xmax = float(np.max(np.linalg.norm(spec.x, axis=1)))
-        self.h0 = min(s, 1.0 / max(xmax, 1e-12)) / 2.0
-        B = _sigma_growth(spec, u)
-        radius = s * math.sqrt(2.0 * ((B if B is not None else 0.0) + _MARGIN + 5.0))
-        radius = s * math.ceil(radius / s)  # quantised, so that nearby u's share a cached grid
-        self.unresolved = None  # why the box could not be made to hold the integrand, if so
-        if B is None:
-            radius, self.unresolved = self._grow_radius(u, radius)
-        self.radius = radius
+        with np.errstate(over="ignore", invalid="ignore"):
+            xmax = float(np.max(np.linalg.norm(spec.x, axis=1))) if spec.n else 0.0
+        self.h0 = min(s, 1.0 / max(xmax, 1e-12)) / 2.0 if math.isfinite(xmax) else 0.0
         self.tol = tol
         self.max_levels = max_levels
+        self.unresolved = None
+        B = _sigma_growth(spec, u)
+        if not (math.isfinite(self.h0) and self.h0 > 0 and (B is None or math.isfinite(B))):
+            self.radius = math.inf
+            self.unresolved = (6, "the data or the dual point is too large for a quadrature grid "
+                                  f"(max |x| = {xmax:.3g}, spread of the log weight {B})")
+            return
+        radius = s * math.sqrt(2.0 * ((B if B is not None else 0.0) + _MARGIN + 5.0))
+        radius = s * math.ceil(radius / s)  # quantised, so that nearby u's share a cached grid
+        self.radius = radius
+        why = self._unaffordable(2 * int(math.ceil(radius / self.h0)) if radius / self.h0 < 1e9 else 10 ** 9)
+        if why:
+            self.unresolved = (6, why)
+            return
+        if B is None:
+            self.radius, self.unresolved = self._grow_radius(u, radius)
+
+    def nodes_estimate(self, half: int) -> float:
+        return _ball_count(self.spec.p, half)
+
+    def _unaffordable(self, half: int) -> str | None:
+        """Why a fine grid of ``half`` points per radius does not fit the budget, or None."""
+        k = self.nodes_estimate(half)
+        mem = k * (16 * self.spec.p + 96) + 8 * _CHUNK
+        if mem > self.budget or k * max(self.spec.n, 1) > QUAD_MAX_WORK:
+            return (f"a quadrature grid for this integrand needs about {k:.3g} nodes in dim(w) = {self.spec.p} "
+                    f"({mem / 2 ** 20:.3g} MiB, {k * self.spec.n:.3g} sigma evaluations), over the budget "
+                    f"({self.budget / 2 ** 20:.3g} MiB, {QUAD_MAX_WORK:.3g} evaluations)")
+        return None
 
     def _grow_radius(self, u, radius, growths: int = 8):
-        """Grow the box radius by 1.5x (at most ``growths`` times) until the log weight on its
-        boundary is ``_MARGIN`` nats below its maximum. Returns (radius, None) on success,
-        else (radius, reason): the integrand is not negligible on the largest box, so the
-        integral cannot be certified (and diverges if it still grows towards the boundary)."""
+        """Grow the ball's radius by 1.5x (at most ``growths`` times) until the log weight on
+        its boundary is ``_MARGIN`` nats below its maximum. Returns (radius, None) on success,
+        else (radius, (code, reason)): the integrand is not negligible on the largest ball
+        (it diverges if it still grows towards the boundary) or the ball exceeds the budget."""
         spec = self.spec
+        edge = top = math.nan
         for k in range(growths + 1):
             half = int(math.ceil(radius / self.h0))
+            why = self._unaffordable(half)
+            if why:
+                return radius, (6, why)
             fine, _ = _grid_nodes(spec, half, self.h0)
             g = fine.matvec(spec, u) / spec.n
             comps, _, _ = _components(spec, g)
             lw = np.max([fine.logbase + c[1] for c in comps], axis=0)
-            on_edge = np.max(np.abs(fine.w), axis=1) >= half * self.h0 - 1e-12
-            edge, top = float(np.max(lw[on_edge])), float(np.max(lw))
+            edge, top = float(np.max(lw[fine.shell])), float(np.max(lw))
             if edge < top - _MARGIN:
                 return radius, None
             if k < growths:
@@ -595,25 +851,28 @@ class _Quadrature:
                if edge >= top else
                f"the log-integrand on the boundary is only {top - edge:.3g} nats below its maximum "
                f"(< {_MARGIN:g})")
-        return radius, (f"quadrature box grown to radius {radius:.4g} (|w|_inf) and {how}; "
-                        "no certified value: D = -inf, F = +inf (the trivial bounds)")
+        return radius, (2, f"quadrature ball grown to radius {radius:.4g} and {how}; "
+                           "no certified value: D = -inf, F = +inf (the trivial bounds)")
 
     def evaluate(self, u, stats=False) -> Evaluation:
         spec = self.spec
         if self.unresolved is not None:
             ev = _infeasible(spec, u, "quadrature")
-            ev.info["reason"] = self.unresolved
+            ev.info["withheld"], ev.info["reason"] = self.unresolved
             return ev
         h = self.h0
         last = None
         for level in range(self.max_levels):
             half = 2 * int(math.ceil(self.radius / h))
-            if (2 * half + 1) ** spec.p * spec.n > _MAX_NODES_X_DATA and last is not None:
+            if last is not None and (self.nodes_estimate(half) * spec.n > _MAX_NODES_X_DATA
+                                     or self._unaffordable(half)):
                 break
             fine, coarse = _grid_nodes(spec, half, h / 2.0)
             ef = _eval_nodes(spec, fine, u)
             ec = _eval_nodes(spec, coarse, u)
             if not (np.isfinite(ef.D) and np.isfinite(ec.D)):
+                ef.info["withheld"] = 2
+                ef.info["reason"] = "the Gibbs integral is not finite on the quadrature grid"
                 return ef
             ef.err_D = abs(ef.D - ec.D) + ef.info["inner_err"]
             ef.err_F = abs(ef.F - ec.F) + ef.info["inner_err"]
@@ -643,32 +902,63 @@ def _choose_method(spec: _Spec, method: str) -> str:
     if method == "auto":
         if spec.linear and spec.output in ("trained", "fixed"):
             return "closed_form"
-        return "quadrature" if spec.p <= 2 else "mc"
+        return "quadrature" if spec.p <= QUAD_MAX_DIM else "mc"
     if method == "closed_form" and not (spec.linear and spec.output in ("trained", "fixed")):
         raise ConfigError("the closed form needs the linear activation and a trained or fixed output layer",
                           field="record.certify_method", value=method, allowed="auto, quadrature, mc")
-    if method == "quadrature" and spec.p > 2:
-        raise ConfigError(f"tensor quadrature is offered for dim(w) <= 2, this problem has dim(w) = {spec.p}",
-                          field="record.certify_method", value=method, allowed="auto, mc")
+    if method == "quadrature" and spec.p > QUAD_MAX_DIM:
+        raise ConfigError(f"quadrature is offered for dim(w) <= {QUAD_MAX_DIM}, this problem has "
+                          f"dim(w) = {spec.p}", field="record.certify_method", value=method, allowed="auto, mc")
     return method
 
 
-def _evaluate_spec(spec: _Spec, u, method="auto", n_samples=65536, seed=0) -> Evaluation:
+PROPOSALS = ("adapted", "prior")
+
+
+def _evaluate_spec(spec: _Spec, u, method="auto", n_samples=65536, seed=0, memory_budget=None,
+                   proposal="adapted") -> Evaluation:
+    """One total evaluation: never raises for a state (non-finite or huge u, unresolvable
+    integrands give the trivial bounds with ``info["withheld"]``/``info["reason"]``)."""
     u = np.asarray(u, dtype=np.float64).reshape(-1)
     if u.shape != (spec.n,):
         raise ConfigError(f"u must have one entry per data point ({spec.n}), got shape {u.shape}", field="u")
     m = _choose_method(spec, method)
+    if not np.all(np.isfinite(u)):
+        ev = _infeasible(spec, u, m)
+        ev.info.update(withheld=1, reason=WITHHELD[1])
+        return ev
     if m == "closed_form":
         return _closed_form(spec, u)
+    fallback = None
     if m == "quadrature":
-        return _Quadrature(spec, u).evaluate(u)
-    return _eval_nodes(spec, _mc_nodes(spec, n_samples, seed), u, stats=True)
+        quad = _Quadrature(spec, u, memory_budget=memory_budget)
+        if quad.unresolved is None or quad.unresolved[0] != 6 or method != "auto":
+            return quad.evaluate(u)
+        fallback = quad.unresolved[1] + "; Monte Carlo with an adapted proposal used instead (statistical)"
+    if proposal not in PROPOSALS:
+        raise ConfigError("unknown importance proposal", field="proposal", value=proposal,
+                          allowed=", ".join(PROPOSALS))
+    m_eff = min(int(n_samples), _mc_cap(spec, memory_budget))
+    ev = _eval_nodes(spec, _mc_nodes(spec, m_eff, seed, u if proposal == "adapted" else None), u, stats=True)
+    if fallback:
+        ev.info["fallback"] = fallback
+    if m_eff < int(n_samples):
+        ev.info["samples_capped"] = f"{int(n_samples)} samples capped to {m_eff} by the memory budget"
+    return ev
 
 
 def evaluate(problem, u, *, method: str = "auto", n_samples: int = 65536, seed: int = 0,
-             plus_fraction: float = 0.5) -> Evaluation:
-    """D(u), F(rho_hat_u), grad D(u), f_{rho_hat_u} with error estimates (see :class:`Evaluation`)."""
-    return _evaluate_spec(_spec(problem, plus_fraction), u, method, n_samples, seed)
+             plus_fraction: float = 0.5, memory_budget: int | None = None, proposal: str = "adapted") -> Evaluation:
+    """D(u), F(rho_hat_u), grad D(u), f_{rho_hat_u} with error estimates (see :class:`Evaluation`).
+
+    Total: whatever u, the data scale or the tilt, it returns (never an allocation error);
+    where no trustworthy value can be had, ``withheld`` is non-zero, ``lower``/``upper`` are the
+    trivial bounds -inf/+inf and ``info["reason"]`` says why (codes in :data:`WITHHELD`).
+
+    ``proposal`` (Monte Carlo): ``adapted`` (default; :func:`adapt_proposal`) or ``prior``
+    (plain sampling from N(0, tau/lam I), whose weights can have infinite variance; kept for
+    comparison and diagnostics)."""
+    return _evaluate_spec(_spec(problem, plus_fraction), u, method, n_samples, seed, memory_budget, proposal)
 
 
 def log_partition(problem, u, **kw) -> tuple[float, float]:
@@ -697,36 +987,47 @@ def primal_bound(problem, u, **kw) -> float:
 
 
 def certify(problem, a, w, *, method="auto", n_samples=65536, seed=0, optimum=None,
-            plus_fraction=0.5) -> dict[str, float]:
+            plus_fraction=0.5, memory_budget=None, proposal="adapted") -> dict[str, float]:
     """Bounds on F* at the particles' dual point u_j = l'(f_rho(x_j), y_j) (float64).
 
     Keys: ``dual_lower`` (D(u) minus its quadrature error, or D_hat - 2 SE: <= F*),
     ``primal_upper`` (F(rho_hat_u) plus error or + 2 SE: >= F*), ``gap`` (their difference),
-    ``certified`` (1.0 for closed form / quadrature, 0.0 for Monte Carlo), ``ess`` (nan
-    unless Monte Carlo), ``ess_low`` (1.0 when a Monte Carlo effective sample size fell below
-    :func:`ess_threshold`, else 0.0), ``pareto_k`` (the weights' tail index k_hat, nan unless
-    Monte Carlo; above :data:`PARETO_K_MAX` the estimate is unreliable),
-    ``dual_value``/``primal_value`` (the point values), ``bound_err``
+    ``certified`` (1.0 for closed form / quadrature, 0.0 for Monte Carlo), ``withheld`` (0.0
+    when the bounds are reported; else the code of :data:`WITHHELD` saying why
+    ``dual_lower`` = -inf and ``primal_upper`` = +inf: a diverged state, a divergent Gibbs
+    integral, or Monte Carlo diagnostics that say the estimate cannot be trusted -- the
+    point values stay in ``dual_value``/``primal_value``; :func:`withheld_reason` gives the
+    text), ``ess`` (nan unless Monte Carlo), ``ess_low`` (1.0 when a Monte Carlo effective
+    sample size fell below :func:`ess_threshold`, else 0.0), ``pareto_k`` (the weights' tail
+    index k_hat, nan unless Monte Carlo; above :data:`PARETO_K_MAX` the estimate is
+    unreliable), ``dual_value``/``primal_value`` (the point values), ``bound_err``
     (quadrature error or 2 SE on the dual), ``free_energy_est`` (R + lam/2 E|theta|^2 -
     tau H_kNN of the particles: an *estimate*), ``entropy_reliable`` (0.0 if the particle
     dimension exceeds 5), ``kl_gap_est`` (free_energy_est - D(u), an estimate of
     tau KL(rho || rho_hat)) and, with ``optimum``, ``F_star`` and ``F_minus_Fstar_upper``
     (primal_upper - F*: how far the current Gibbs measure is from the optimum, at most).
+
+    Total: a diverged or far-from-optimum state, a huge input scale or a strong tilt give a
+    row with ``withheld`` set, never an exception or an allocation beyond the memory budget.
     """
     from mfld.entropy import free_energy_estimate
 
     spec = _spec(problem, plus_fraction)
     a64, w64 = _upcast(a, w)
-    f = _network_output(spec, a64, w64)
-    u = spec.loss_deriv(f, spec.y)
-    ev = _evaluate_spec(spec, u, method, n_samples, seed)
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = _network_output(spec, a64, w64)
+        u = spec.loss_deriv(f, spec.y)
+    ev = _evaluate_spec(spec, u, method, n_samples, seed, memory_budget, proposal)
     lower, upper = ev.lower, ev.upper
-    fe = free_energy_estimate(problem, a64, w64)
+    finite_state = bool(np.all(np.isfinite(a64)) and np.all(np.isfinite(w64)) and np.all(np.isfinite(f)))
+    fe = (free_energy_estimate(problem, a64, w64) if finite_state
+          else {"free_energy_est": math.nan, "entropy_reliable": math.nan})
     out = {
         "dual_lower": float(lower),
         "primal_upper": float(upper),
-        "gap": float(upper - lower),
-        "certified": 1.0 if ev.certified else 0.0,
+        "gap": float(upper - lower) if math.isfinite(upper - lower) else math.inf,
+        "certified": 1.0 if ev.certified and not ev.withheld else 0.0,
+        "withheld": float(ev.withheld),
         "ess": float(ev.ess) if ev.method == "mc" else math.nan,
         "ess_low": 1.0 if ev.ess_low else 0.0,
         "pareto_k": float(ev.pareto_k) if ev.method == "mc" else math.nan,
@@ -741,3 +1042,11 @@ def certify(problem, a, w, *, method="auto", n_samples=65536, seed=0, optimum=No
         out["F_star"] = float(optimum.F_star)
         out["F_minus_Fstar_upper"] = float(upper - optimum.F_star)
     return out
+
+
+def withheld_reason(code) -> str:
+    """The text of a ``withheld`` code of :func:`certify` ('' for 0 or nan)."""
+    try:
+        return WITHHELD.get(int(code), f"unknown code {code}")
+    except (TypeError, ValueError):
+        return ""

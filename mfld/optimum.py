@@ -222,7 +222,7 @@ class Optimum:
         if self.method == "quadrature":
             nodes = self._nodes()
         else:
-            nodes = _mc_nodes(spec, max(65536, 64 * n), int(rng.integers(2 ** 31)))
+            nodes = _mc_nodes(spec, max(65536, 64 * n), int(rng.integers(2 ** 31)), self.u)
         g = nodes.matvec(spec, self.u) / spec.n
         comps, _, _ = duality._components(spec, g)
         if spec.output == "fixed":
@@ -345,7 +345,7 @@ def _feasible_start(spec, method, n_samples, seed, halvings: int = 40):
     scale = 0.5
     for _ in range(halvings + 1):
         u0 = -scale * spec.y
-        if np.isfinite(duality._evaluate_spec(spec, u0, method, n_samples, seed).D):
+        if np.isfinite(duality._evaluate_spec(spec, u0, method, min(n_samples, 8192), seed).D):
             return u0
         scale *= 0.5
     raise TheoryNotApplicable(
@@ -355,21 +355,30 @@ def _feasible_start(spec, method, n_samples, seed, halvings: int = 40):
 
 def solve_optimum(problem, *, tol: float = 1e-6, method: str = "auto", n_samples: int = 65536,
                   max_samples: int = 2 ** 20, seed: int = 0, plus_fraction: float = 0.5,
-                  gtol: float = 1e-11, maxiter: int = 5000) -> Optimum:
+                  gtol: float = 1e-11, maxiter: int = 5000, memory_budget: int | None = None) -> Optimum:
     """Maximise the dual D(u) over u in R^n: F*, f*, u* and a sampler for rho*.
 
     ``tol``: the Monte Carlo sample is doubled until F* changes by less than max(tol, 2 SE)
-    (up to ``max_samples``); a warning-level note is put in ``info`` if the final error
-    exceeds ``tol`` (``warning``) or, with Monte Carlo, if the importance weights at u*
-    degenerate (``mc_warning``: ESS below :func:`mfld.duality.ess_threshold` or Pareto k_hat
-    above 0.7; ``info`` also has ``ess`` and ``pareto_k``). ``gtol``: max-norm of grad D at the
-    maximiser. ``method`` as in
-    :func:`mfld.duality.certify`. Refuses tau = 0 and NTK scaling.
+    (up to ``max_samples``, and at most what the memory budget holds); a warning-level note is
+    put in ``info`` if the final error exceeds ``tol`` (``warning``) or, with Monte Carlo, if
+    the importance weights at u* degenerate (``mc_warning``: ESS below
+    :func:`mfld.duality.ess_threshold` or Pareto k_hat above 0.7; ``info`` also has ``ess``
+    and ``pareto_k``). ``gtol``: max-norm of grad D at the maximiser; ``maxiter``: L-BFGS
+    iterations per round (a solve stopped early still reports an honest ``F_star_err``: the
+    duality gap at its u plus the integration error). ``method`` as in
+    :func:`mfld.duality.certify`; ``auto`` falls back from quadrature to Monte Carlo (with a
+    proposal adapted at each round's u) when the quadrature grid does not fit the memory
+    budget (``info["fallback"]`` says why). Refuses tau = 0 and NTK scaling.
     """
     spec = _spec(problem, plus_fraction)
     m = duality._choose_method(spec, method)
-    u0 = _feasible_start(spec, m, n_samples, seed)
     info: dict = {"method": m}
+    if m == "quadrature":
+        quad = _Quadrature(spec, np.zeros(spec.n), memory_budget=memory_budget)
+        if quad.unresolved is not None and quad.unresolved[0] == 6 and method == "auto":
+            info["fallback"] = quad.unresolved[1] + "; Monte Carlo with an adapted proposal used instead"
+            m = info["method"] = "mc"
+    u0 = _feasible_start(spec, m, n_samples, seed)
     if m == "closed_form":
         u, ev, sinfo = maximise_dual(spec, lambda v: _closed_form(spec, v), u0, gtol=gtol, maxiter=maxiter)
         final = ev
@@ -380,26 +389,28 @@ def solve_optimum(problem, *, tol: float = 1e-6, method: str = "auto", n_samples
         u = u0
         nodes = None
         for round_ in range(4):
-            new_nodes, _ = _Quadrature(spec, u).fixed(u)
+            new_nodes, _ = _Quadrature(spec, u, memory_budget=memory_budget).fixed(u)
             if nodes is not None and new_nodes.w.shape == nodes.w.shape and new_nodes.h == nodes.h:
                 break
             nodes = new_nodes
             u, ev, sinfo = maximise_dual(spec, lambda v, nd=nodes: _eval_nodes(spec, nd, v), u,
                                          gtol=gtol, maxiter=maxiter)
             info.update(sinfo, rounds=round_ + 1)
-        final = _Quadrature(spec, u).evaluate(u)
+        final = _Quadrature(spec, u, memory_budget=memory_budget).evaluate(u)
         err = max(final.F - final.D, 0.0) + final.err_D
         mean, cov = _moments_nodes(spec, final.info["nodes_obj"], u)
         info.update(nodes=int(final.info["nodes"]), h=float(final.info["h"]), radius=float(final.info["radius"]),
                     quad_err=float(final.err_D))
     else:
         u = u0
-        M = int(n_samples)
+        cap = duality._mc_cap(spec, memory_budget)
+        M = min(int(n_samples), cap)
+        max_samples = min(int(max_samples), cap)
         prev = None
         history = []
         level = 0
         while True:
-            nodes = _mc_nodes(spec, M, seed + 1000 * level)
+            nodes = _mc_nodes(spec, M, seed + 1000 * level, u)  # proposal adapted at the current u
             u, ev, sinfo = maximise_dual(spec, lambda v, nd=nodes: _eval_nodes(spec, nd, v), u,
                                          gtol=gtol, maxiter=maxiter)
             ev = _eval_nodes(spec, nodes, u, stats=True)
@@ -411,24 +422,23 @@ def solve_optimum(problem, *, tol: float = 1e-6, method: str = "auto", n_samples
             prev = ev
             M *= 2
             level += 1
-        fresh = _mc_nodes(spec, M, seed + 7_777_777)
+        fresh = _mc_nodes(spec, M, seed + 7_777_777, u)
         final = _eval_nodes(spec, fresh, u, stats=True)
         err = max(final.F - final.D, 0.0) + 2 * final.se_D
         mean, cov = _moments_nodes(spec, fresh, u)
         info.update(sinfo, samples=M, ess=float(final.ess), se=float(final.se_D),
                     pareto_k=float(final.pareto_k), ess_low=bool(final.ess_low),
                     sample_history=[list(h) for h in history])
+        info["proposal"] = fresh.proposal.as_dict()
     info["gap"] = float(final.F - final.D)
     info["grad_max"] = float(np.max(np.abs(final.grad)))
     if err > tol:
         info["warning"] = f"F* is known only to +-{err:.2g}, above the requested tolerance {tol:g}"
-    if m == "mc" and (final.ess_low or final.pareto_k > duality.PARETO_K_MAX):
+    if m == "mc" and final.withheld:
         info["mc_warning"] = (f"the Monte Carlo importance weights at u* degenerated (ESS {final.ess:.3g} of "
                               f"{final.n_samples}, Pareto k_hat {final.pareto_k:.2g}; k > 0.5: infinite variance): "
-                              "F_star_err is not a reliable error bar; use quadrature (dim w <= 2) or the closed "
-                              "form (linear activation) if available")
+                              "F_star_err is not a reliable error bar")
     return Optimum(F_star=float(final.D), F_star_err=float(err), F_star_upper=float(final.upper), u=u,
                    f=final.f_hat.copy(),
                    method=m, mean=mean, cov=cov, plus_fraction=spec.plus_fraction, info=info,
                    problem=problem)
-

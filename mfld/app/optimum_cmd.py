@@ -46,7 +46,8 @@ def main(config=None, overrides=(), out: str | Path = ".") -> Path:
     kind = "certified" if opt.method != "mc" else "statistical"
     click.echo(f"F*={opt.F_star:.10g} +- {opt.F_star_err:.2g} ({opt.method}, {kind})  "
                f"time={time.perf_counter() - t0:.1f}s")
-    if "warning" in opt.info:
-        click.echo(f"note: {opt.info['warning']}")
+    for key in ("fallback", "warning", "mc_warning"):
+        if key in opt.info:
+            click.echo(f"note: {opt.info[key]}")
     click.echo(f"wrote {path}")
     return path
