@@ -714,6 +714,8 @@ def _eval_nodes(spec: _Spec, nodes: _Nodes, u: np.ndarray, *, stats: bool = Fals
     grad = (f_hat - spec.conj_deriv(u)) / n
     ev = Evaluation(D, F, grad, f_hat, tlz, nodes.kind, nodes.kind == "quadrature")
     ev.info["inner_err"] = inner_err * spec.tau
+    # strength of the tilt where the mass is: E_mu[g(w)^2] / (lam tau) (first component)
+    ev.info["tilt"] = float(omegas[0] @ (g * g)) / (spec.lam * spec.tau)
     if nodes.kind == "mc":
         ev.ess = ess
         ev.n_samples = int(nodes.w.shape[0])

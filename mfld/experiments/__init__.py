@@ -19,6 +19,7 @@ EXPERIMENTS = {
     "mf-vs-ntk": "mfld.experiments.mf_vs_ntk",
     "annealing": "mfld.experiments.annealing",
     "minibatch": "mfld.experiments.minibatch",
+    "certificate-coverage": "mfld.experiments.certificate_coverage",
 }
 
 __all__ = ["EXPERIMENTS", "run_experiment", "get_experiment"]
