@@ -99,6 +99,10 @@ _QUAD_TOL = 1e-11
 MEMORY_BUDGET = 2 ** 29
 #: Largest number of sigma evaluations (nodes x data points) of one quadrature evaluation.
 QUAD_MAX_WORK = 2 ** 27
+#: The same for ``method="auto"``, which certifies at every record: the grid's sigma values
+#: must fit the cache (so later records and the optimum solver's iterations reuse them);
+#: beyond it ``auto`` uses Monte Carlo (cheaper per record, statistical).
+QUAD_AUTO_WORK = 2 ** 24
 
 #: Why a bound was withheld (the ``withheld`` column of :func:`certify`; 0: reported).
 WITHHELD = {
@@ -779,6 +783,10 @@ def _sigma_growth(spec: _Spec, u: np.ndarray) -> float | None:
     return 2 * spec.r_out * G / spec.tau
 
 
+class QuadratureOverBudget(TheoryNotApplicable):
+    """No quadrature grid for this integrand fits the memory/work budget."""
+
+
 class _Quadrature:
     """Adaptive trapezoid rule over w on a ball of lattice points (p <= :data:`QUAD_MAX_DIM`);
     see the module docstring.
@@ -789,8 +797,9 @@ class _Quadrature:
     """
 
     def __init__(self, spec: _Spec, u: np.ndarray, *, tol: float = _QUAD_TOL, max_levels: int = 6,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, max_work: int = QUAD_MAX_WORK):
         self.spec = spec
+        self.max_work = int(max_work)
         self.budget = MEMORY_BUDGET if memory_budget is None else int(memory_budget)
         s = math.sqrt(spec.tau / spec.lam)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -802,8 +811,8 @@ class _Quadrature:
         B = _sigma_growth(spec, u)
         if not (math.isfinite(self.h0) and self.h0 > 0 and (B is None or math.isfinite(B))):
             self.radius = math.inf
-            self.unresolved = (6, "the data or the dual point is too large for a quadrature grid "
-                                  f"(max |x| = {xmax:.3g}, spread of the log weight {B})")
+            self.unresolved = (6, "the data or the dual point is too large for any quadrature grid within the "
+                                  f"budget (max |x| = {xmax:.3g}, spread of the log weight {B})")
             return
         radius = s * math.sqrt(2.0 * ((B if B is not None else 0.0) + _MARGIN + 5.0))
         radius = s * math.ceil(radius / s)  # quantised, so that nearby u's share a cached grid
@@ -822,10 +831,10 @@ class _Quadrature:
         """Why a fine grid of ``half`` points per radius does not fit the budget, or None."""
         k = self.nodes_estimate(half)
         mem = k * (16 * self.spec.p + 96) + 8 * _CHUNK
-        if mem > self.budget or k * max(self.spec.n, 1) > QUAD_MAX_WORK:
+        if mem > self.budget or k * max(self.spec.n, 1) > self.max_work:
             return (f"a quadrature grid for this integrand needs about {k:.3g} nodes in dim(w) = {self.spec.p} "
                     f"({mem / 2 ** 20:.3g} MiB, {k * self.spec.n:.3g} sigma evaluations), over the budget "
-                    f"({self.budget / 2 ** 20:.3g} MiB, {QUAD_MAX_WORK:.3g} evaluations)")
+                    f"({self.budget / 2 ** 20:.3g} MiB, {self.max_work:.3g} evaluations)")
         return None
 
     def _grow_radius(self, u, radius, growths: int = 8):
@@ -891,6 +900,8 @@ class _Quadrature:
         """A fixed node set (the accepted fine grid at u), for repeated evaluations. Raises
         :class:`TheoryNotApplicable` if D(u) = -inf (no grid holds the integrand)."""
         ev = self.evaluate(u)
+        if "nodes_obj" not in ev.info and ev.info.get("withheld") == 6:
+            raise QuadratureOverBudget(ev.info["reason"])
         if "nodes_obj" not in ev.info:
             raise TheoryNotApplicable("the Gibbs integral Z(u) is not finite at this u (D(u) = -inf): "
                                       + ev.info.get("reason", "it diverges on the quadrature grid"))
@@ -933,7 +944,8 @@ def _evaluate_spec(spec: _Spec, u, method="auto", n_samples=65536, seed=0, memor
         return _closed_form(spec, u)
     fallback = None
     if m == "quadrature":
-        quad = _Quadrature(spec, u, memory_budget=memory_budget)
+        quad = _Quadrature(spec, u, memory_budget=memory_budget,
+                           max_work=QUAD_AUTO_WORK if method == "auto" else QUAD_MAX_WORK)
         if quad.unresolved is None or quad.unresolved[0] != 6 or method != "auto":
             return quad.evaluate(u)
         fallback = quad.unresolved[1] + "; Monte Carlo with an adapted proposal used instead (statistical)"

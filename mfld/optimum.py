@@ -353,6 +353,57 @@ def _feasible_start(spec, method, n_samples, seed, halvings: int = 40):
         "diverges): no feasible starting point for the dual maximisation")
 
 
+def _solve_closed(spec, u0, info, solver):
+    u, ev, sinfo = maximise_dual(spec, lambda v: _closed_form(spec, v), u0, **solver)
+    mean, cov = _moments_closed(spec, u)
+    info.update(sinfo)
+    return u, ev, max(ev.F - ev.D, 0.0), mean, cov
+
+
+def _solve_quadrature(spec, u, info, solver, memory_budget, work):
+    """Maximise on a fixed grid, re-chosen at the maximiser until it is stable (<= 4 rounds)."""
+    nodes = None
+    for round_ in range(4):
+        new_nodes, _ = _Quadrature(spec, u, memory_budget=memory_budget, max_work=work).fixed(u)
+        if nodes is not None and new_nodes.w.shape == nodes.w.shape and new_nodes.h == nodes.h:
+            break
+        nodes = new_nodes
+        u, _, sinfo = maximise_dual(spec, lambda v, nd=nodes: _eval_nodes(spec, nd, v), u, **solver)
+        info.update(sinfo, rounds=round_ + 1)
+    final = _Quadrature(spec, u, memory_budget=memory_budget, max_work=work).evaluate(u)
+    if "nodes_obj" not in final.info:
+        exc = duality.QuadratureOverBudget if final.withheld == 6 else TheoryNotApplicable
+        raise exc(final.reason or "the quadrature could not evaluate D at the maximiser")
+    mean, cov = _moments_nodes(spec, final.info["nodes_obj"], u)
+    info.update(nodes=int(final.info["nodes"]), h=float(final.info["h"]), radius=float(final.info["radius"]),
+                quad_err=float(final.err_D))
+    return u, final, max(final.F - final.D, 0.0) + final.err_D, mean, cov
+
+
+def _solve_mc(spec, u, info, solver, *, tol, n_samples, max_samples, seed, memory_budget):
+    """Maximise on a fixed adapted sample, doubled until F* is stable; evaluate on a fresh one."""
+    cap = duality._mc_cap(spec, memory_budget)
+    M, max_samples = min(int(n_samples), cap), min(int(max_samples), cap)
+    prev, history, level, sinfo = None, [], 0, {}
+    while True:
+        nodes = _mc_nodes(spec, M, seed + 1000 * level, u)  # proposal adapted at the current u
+        u, ev, sinfo = maximise_dual(spec, lambda v, nd=nodes: _eval_nodes(spec, nd, v), u, **solver)
+        ev = _eval_nodes(spec, nodes, u, stats=True)
+        history.append((M, ev.D, ev.se_D))
+        if prev is not None and abs(ev.D - prev.D) <= max(tol, 2 * math.hypot(ev.se_D, prev.se_D)):
+            break
+        if 2 * M > max_samples:
+            break
+        prev, M, level = ev, M * 2, level + 1
+    fresh = _mc_nodes(spec, M, seed + 7_777_777, u)
+    final = _eval_nodes(spec, fresh, u, stats=True)
+    mean, cov = _moments_nodes(spec, fresh, u)
+    info.update(sinfo, samples=M, ess=float(final.ess), se=float(final.se_D), pareto_k=float(final.pareto_k),
+                ess_low=bool(final.ess_low), sample_history=[list(h) for h in history],
+                proposal=fresh.proposal.as_dict())
+    return u, final, max(final.F - final.D, 0.0) + 2 * final.se_D, mean, cov
+
+
 def solve_optimum(problem, *, tol: float = 1e-6, method: str = "auto", n_samples: int = 65536,
                   max_samples: int = 2 ** 20, seed: int = 0, plus_fraction: float = 0.5,
                   gtol: float = 1e-11, maxiter: int = 5000, memory_budget: int | None = None) -> Optimum:
@@ -373,63 +424,27 @@ def solve_optimum(problem, *, tol: float = 1e-6, method: str = "auto", n_samples
     spec = _spec(problem, plus_fraction)
     m = duality._choose_method(spec, method)
     info: dict = {"method": m}
+    work = duality.QUAD_AUTO_WORK if method == "auto" else duality.QUAD_MAX_WORK
     if m == "quadrature":
-        quad = _Quadrature(spec, np.zeros(spec.n), memory_budget=memory_budget)
+        quad = _Quadrature(spec, np.zeros(spec.n), memory_budget=memory_budget, max_work=work)
         if quad.unresolved is not None and quad.unresolved[0] == 6 and method == "auto":
             info["fallback"] = quad.unresolved[1] + "; Monte Carlo with an adapted proposal used instead"
             m = info["method"] = "mc"
     u0 = _feasible_start(spec, m, n_samples, seed)
+    solver = dict(gtol=gtol, maxiter=maxiter)
     if m == "closed_form":
-        u, ev, sinfo = maximise_dual(spec, lambda v: _closed_form(spec, v), u0, gtol=gtol, maxiter=maxiter)
-        final = ev
-        err = max(ev.F - ev.D, 0.0)
-        mean, cov = _moments_closed(spec, u)
-        info.update(sinfo)
+        u, final, err, mean, cov = _solve_closed(spec, u0, info, solver)
     elif m == "quadrature":
-        u = u0
-        nodes = None
-        for round_ in range(4):
-            new_nodes, _ = _Quadrature(spec, u, memory_budget=memory_budget).fixed(u)
-            if nodes is not None and new_nodes.w.shape == nodes.w.shape and new_nodes.h == nodes.h:
-                break
-            nodes = new_nodes
-            u, ev, sinfo = maximise_dual(spec, lambda v, nd=nodes: _eval_nodes(spec, nd, v), u,
-                                         gtol=gtol, maxiter=maxiter)
-            info.update(sinfo, rounds=round_ + 1)
-        final = _Quadrature(spec, u, memory_budget=memory_budget).evaluate(u)
-        err = max(final.F - final.D, 0.0) + final.err_D
-        mean, cov = _moments_nodes(spec, final.info["nodes_obj"], u)
-        info.update(nodes=int(final.info["nodes"]), h=float(final.info["h"]), radius=float(final.info["radius"]),
-                    quad_err=float(final.err_D))
-    else:
-        u = u0
-        cap = duality._mc_cap(spec, memory_budget)
-        M = min(int(n_samples), cap)
-        max_samples = min(int(max_samples), cap)
-        prev = None
-        history = []
-        level = 0
-        while True:
-            nodes = _mc_nodes(spec, M, seed + 1000 * level, u)  # proposal adapted at the current u
-            u, ev, sinfo = maximise_dual(spec, lambda v, nd=nodes: _eval_nodes(spec, nd, v), u,
-                                         gtol=gtol, maxiter=maxiter)
-            ev = _eval_nodes(spec, nodes, u, stats=True)
-            history.append((M, ev.D, ev.se_D))
-            if prev is not None and abs(ev.D - prev.D) <= max(tol, 2 * math.hypot(ev.se_D, prev.se_D)):
-                break
-            if 2 * M > max_samples:
-                break
-            prev = ev
-            M *= 2
-            level += 1
-        fresh = _mc_nodes(spec, M, seed + 7_777_777, u)
-        final = _eval_nodes(spec, fresh, u, stats=True)
-        err = max(final.F - final.D, 0.0) + 2 * final.se_D
-        mean, cov = _moments_nodes(spec, fresh, u)
-        info.update(sinfo, samples=M, ess=float(final.ess), se=float(final.se_D),
-                    pareto_k=float(final.pareto_k), ess_low=bool(final.ess_low),
-                    sample_history=[list(h) for h in history])
-        info["proposal"] = fresh.proposal.as_dict()
+        try:
+            u, final, err, mean, cov = _solve_quadrature(spec, u0, info, solver, memory_budget, work)
+        except duality.QuadratureOverBudget as exc:
+            if method != "auto":
+                raise
+            info["fallback"] = f"{exc}; Monte Carlo with an adapted proposal used instead"
+            m = info["method"] = "mc"
+    if m == "mc":
+        mc = dict(tol=tol, n_samples=n_samples, max_samples=max_samples, seed=seed, memory_budget=memory_budget)
+        u, final, err, mean, cov = _solve_mc(spec, u0, info, solver, **mc)
     info["gap"] = float(final.F - final.D)
     info["grad_max"] = float(np.max(np.abs(final.grad)))
     if err > tol:

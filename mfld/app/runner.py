@@ -329,6 +329,8 @@ def _optimum_and_certify(cfg, problem, state, out_dir, write, resume, notes):
             from mfld.optimum import solve_optimum
 
             optimum = solve_optimum(problem, seed=cfg.seed, plus_fraction=plus_fraction)
+            if "fallback" in optimum.info:
+                notes.append(f"optimum: {optimum.info['fallback']}")
             if write:
                 rundir.atomic_write_text(out_dir / rundir.OPTIMUM, optimum.to_json())
     certify = None
@@ -499,6 +501,7 @@ def _summary(cfg, metrics, status, wall, notes, optimum) -> dict:
     if optimum is not None:
         s["F_star"] = float(optimum.F_star)
         s["F_star_err"] = float(optimum.F_star_err)
+        s["F_star_method"] = optimum.method
     return s
 
 
