@@ -8,8 +8,8 @@ vmapped call (:func:`mfld.sweep.run`) and writes::
                              for), optimum.json, checkpoint.npz, summary.json -- so `mfld plot`
                              works on a member (figures are drawn on demand, not per member)
     OUT/sweep.csv            one row per member: status and final records (gap, dual_lower, ...)
-    OUT/figures/risk_<lam,tau,eta>.png   mean and min-max band over seeds of the risks
-    OUT/figures/gap_<lam,tau,eta>.png    the certified gap (primal_upper - dual_lower): same band
+    OUT/figures/risk_<lam,tau,eta>.png   mean and min-max band over seeds of the risks and
+                             (below) of the certified gap primal_upper - dual_lower
     OUT/sweep.json           the plan (config, grid, seeds), members, status and the environment
     OUT/.sweep_checkpoint.npz  the stacked states of the last checkpoint (for --resume)
 
@@ -77,6 +77,11 @@ def parse_grid(items) -> dict:
             raise ConfigError("values must be numbers", field=f"--grid {name}", value=vals) from None
         if not out[name]:
             raise ConfigError("no values", field=f"--grid {name}", value=vals)
+        labels = [f"{v:g}" for v in out[name]]  # member directories are named with 6 digits
+        dup = next((v for v, lab in zip(out[name], labels, strict=True) if labels.count(lab) > 1), None)
+        if dup is not None:
+            raise ConfigError("duplicate value (or equal to 6 significant digits)", field=f"--grid {name}",
+                              value=dup, allowed="distinct values")
     return out
 
 
@@ -340,6 +345,9 @@ class _Tracker:
 
 
 def _figures(out: Path, members, hists, priors, tracker):
+    """One figure per (lam, tau, eta): the risks (top) and, when certificates were recorded,
+    the certified gap primal_upper - dual_lower (bottom), each as the mean and the min-max
+    band over the seeds."""
     from mfld.app import plots, runner
 
     plt = plots.pyplot()
@@ -349,19 +357,23 @@ def _figures(out: Path, members, hists, priors, tracker):
         cols = {k: np.asarray(v, dtype=float) for k, v in runner._merge(priors[i], hists[i].columns).items()}
         groups.setdefault((m.lam, m.tau, m.eta), []).append(cols)
     for (lam, tau, eta), hs in groups.items():
-        tag = f"lam={lam:g}_tau={tau:g}_eta={eta:g}"
-        title = f"λ={lam:g}, τ={tau:g}, η={eta:g}: mean and min-max band over {len(hs)} seeds"
-        _band(plt, plots, hs, [("risk", "train risk R"), ("test_risk", "test risk"),
-                               ("reg_risk", "regularised risk")], title, out / "figures" / f"risk_{tag}.png")
-        if "gap" in hs[0]:
-            _band(plt, plots, hs, [("gap", "certified gap primal_upper − dual_lower")], title,
-                  out / "figures" / f"gap_{tag}.png", certified_rows=True)
+        with_gap = "gap" in hs[0]
+        fig, axes = plt.subplots(2 if with_gap else 1, 1, figsize=(6, 6.5 if with_gap else 4), sharex=True,
+                                 squeeze=False)
+        axes[0, 0].set_title(f"λ={lam:g}, τ={tau:g}, η={eta:g}: mean and min-max band over {len(hs)} seeds",
+                             fontsize=9)
+        _band(axes[0, 0], hs, [("risk", "train risk R"), ("test_risk", "test risk"),
+                               ("reg_risk", "regularised risk")])
+        if with_gap:
+            _band(axes[1, 0], hs, [("gap", "certified gap: primal_upper − dual_lower")], certified_rows=True)
+        axes[-1, 0].set_xlabel("time t = step × η")
+        plots.save_figure(fig, out / "figures" / f"risk_lam={lam:g}_tau={tau:g}_eta={eta:g}.png")
+        plt.close(fig)
 
 
-def _band(plt, plots, hs, keys, title, path, certified_rows=False):
-    fig, ax = plt.subplots(figsize=(6, 4))
+def _band(ax, hs, keys, certified_rows=False):
     t = hs[0]["t"]
-    drawn = False
+    drawn = []
     for key, label in keys:
         if key not in hs[0]:
             continue
@@ -373,14 +385,10 @@ def _band(plt, plots, hs, keys, title, path, certified_rows=False):
             line, = ax.plot(t[rows], v[:, rows].mean(axis=0), label=f"{label} (mean of {len(hs)} seeds)")
             ax.fill_between(t[rows], v[:, rows].min(axis=0), v[:, rows].max(axis=0), color=line.get_color(),
                             alpha=0.25)
-        drawn = True
-    vals = np.concatenate([h[k] for h in hs for k, _ in keys if k in h])
+        drawn.append(v[:, rows])
+    vals = np.concatenate([x.ravel() for x in drawn]) if drawn else np.array([])
     if drawn and np.all(vals[np.isfinite(vals)] > 0):
         ax.set_yscale("log")
-    ax.set_xlabel("time t = step × η")
-    ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     if drawn:
-        ax.legend()
-    plots.save_figure(fig, path)
-    plt.close(fig)
+        ax.legend(fontsize=8)
