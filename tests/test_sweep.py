@@ -195,8 +195,8 @@ def test_cli_sweep_resumes_after_a_kill_with_identical_results(tmp_path, monkeyp
 
 def test_cli_sweep_diverged_member_exits_3_and_bad_grids_are_refused_up_front(tmp_path, capsys):
     """A member that diverges ends 'diverged' (its last finite state checkpointed, the others
-    unaffected) and the sweep exits 3 like mfld run; duplicate grid values are refused before
-    anything is written (exit 2, one line)."""
+    unaffected) and the sweep exits 3 like mfld run; no progress bars when stderr is not a
+    terminal; duplicate grid values are refused before anything is written (exit 2, one line)."""
     import csv
     import json
 
@@ -212,10 +212,13 @@ def test_cli_sweep_diverged_member_exits_3_and_bad_grids_are_refused_up_front(tm
         assert e.value.code == 2 and "--grid" in err and grid[1][:3] in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "dup").exists()
     out = tmp_path / "div"
-    with pytest.raises(SystemExit) as e:
-        main(["sweep", "--grid", "eta=0.02,50", *SMALL, "--set", "record.certify_every=0",
-              "--set", "record.optimum=false", "--out", str(out)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # (without --quiet: stderr is not a terminal here)
+        main(["sweep", "--grid", "eta=0.02,50", *[a for a in SMALL if a != "--quiet"],
+              "--set", "record.certify_every=0", "--set", "record.optimum=false", "--out", str(out)])
     assert e.value.code == 3
+    cap = capsys.readouterr()
+    assert cap.err == "" and "1 of 2 members diverged" in cap.out  # no progress bars off a terminal
     rows = {r["eta"]: r for r in csv.DictReader((out / "sweep.csv").read_text().splitlines())}
     assert rows["0.02"]["status"] == "completed" and rows["50.0"]["status"] == "diverged"
     d = out / "lam=0.1_tau=0.05_eta=50_seed=0"
