@@ -11,10 +11,11 @@ at finite N, and the bias grows with D (for a Gaussian it is a few hundredths of
 dimension at N = 10^4, D <= 5): everything built on it is an *estimate*, never a bound.
 Above ``RELIABLE_MAX_DIM`` dimensions outputs say so explicitly.
 
-Cost. A KD-tree query costs about N^(2 - 1/D) in D dimensions: cheap for D <= 5, but in
-D = 11-12 (d = 10 inputs with a bias) it is 0.27 s at N = 4000 and 5 s at N = 20000 per
-call, the largest part of a certificate record after the Monte Carlo sum (docs/certificates.md,
-"Cost"). Where the estimate is flagged unreliable anyway (D > ``RELIABLE_MAX_DIM``),
+Cost. A KD-tree query grows much faster than N in high dimensions: cheap for D <= 5, but in
+D = 12 (d = 10 inputs with a bias) it took 0.27 s at N = 4000 and 5 s at N = 20000 per call
+on a quiet machine (0.8 / 0.19 / 0.03 s for N = 4000 / 2048 / 1024 on a loaded one): the
+largest part of a certificate record (docs/certificates.md, "Cost"). Where the estimate is
+flagged unreliable anyway (D > ``RELIABLE_MAX_DIM``),
 :func:`particle_entropy` and :func:`free_energy_estimate` therefore use an evenly strided
 subsample of at most :data:`UNRELIABLE_MAX_SAMPLES` particles (particles are exchangeable, so
 this is a subsample of the same empirical law; deterministic, so runs stay bit-reproducible);
@@ -41,7 +42,7 @@ __all__ = ["RELIABLE_MAX_DIM", "UNRELIABLE_MAX_SAMPLES", "knn_entropy", "free_en
 RELIABLE_MAX_DIM = 5
 
 #: Particles used for the (unreliable) k-NN entropy above ``RELIABLE_MAX_DIM`` dimensions.
-UNRELIABLE_MAX_SAMPLES = 2048
+UNRELIABLE_MAX_SAMPLES = 1024
 
 
 def subsample(x, max_samples: int | None) -> np.ndarray:
