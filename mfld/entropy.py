@@ -136,21 +136,23 @@ def _cap(max_samples, k):
     return None if max_samples is None else max(int(max_samples), k + 1)
 
 
-def free_energy_estimate(problem, a, w, k: int = 3, max_samples: int | str | None = "auto") -> dict:
+def free_energy_estimate(problem, a, w, k: int = 3, max_samples: int | str | None = "auto", f=None) -> dict:
     """F_KL(rho_N) = R + (lam/2) E|theta|^2 - tau H_kNN, with its parts (all float64).
 
     Keys: ``risk``, ``reg_risk`` (R + (lam/2) E|theta|^2), ``entropy`` (H_kNN),
     ``free_energy_est`` and ``entropy_reliable`` (1.0 if the particle dimension is at most
     :data:`RELIABLE_MAX_DIM`, else 0.0: the estimate is then strongly biased) and
     ``entropy_samples`` (particles the k-NN entropy used: ``max_samples``, see
-    :func:`particle_entropy`; a subsample only where ``entropy_reliable`` is 0 by default). Mean-field
+    :func:`particle_entropy`; a subsample only where ``entropy_reliable`` is 0 by default).
+    ``f``: the network output f_rho(x_j) in float64 if the caller has it already (saves the
+    N x n evaluation; :func:`mfld.duality.certify` computes it anyway). Mean-field
     scaling only (the free energy is undefined under NTK scaling).
     """
     from mfld.duality import _network_output, _spec  # local import: duality imports this module
 
     spec = _spec(problem, need_tau=False)
     a64, w64 = upcast_particles(a, w)
-    f = _network_output(spec, a64, w64)
+    f = _network_output(spec, a64, w64) if f is None else np.asarray(f, dtype=np.float64)
     risk = float(np.mean(spec.loss_value(f, spec.y)))
     m2 = float(np.mean(np.sum(w64 * w64, axis=1)))
     if spec.output != "fixed":
