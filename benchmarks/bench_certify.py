@@ -18,6 +18,13 @@ difference of the in-run times).
     python benchmarks/bench_certify.py                   # d = 10, N = 4000 plus the d/N table
     python benchmarks/bench_certify.py --quick           # one case, two rounds
     python benchmarks/bench_certify.py --cases 10:4000 --rounds 3 --json out.json
+    python benchmarks/bench_certify.py --breakdown 10:4000    # where one certificate's time goes
+
+``--breakdown`` times, in one process (after a warm-up call), the parts of one certificate
+record against 100 steps of the dynamics: the log Z evaluation (closed form / quadrature /
+Monte Carlo, with the sigma(X W) matrix cached across records as `mfld.duality` does), the
+k-NN free-energy estimate, and the whole `mfld.duality.certify` call; medians of 5
+repetitions on 5 different states (min-max in brackets).
 """
 
 from __future__ import annotations
@@ -98,6 +105,47 @@ def table(rows) -> str:
         f"| {f(r['ratio_in_run'])} | {f(r['per_cert_s'])} | {f(r['load'], 1)} |\n" for r in rows)
 
 
+def breakdown(d: int, n: int, reps: int = 5) -> dict:
+    import numpy as np
+
+    from mfld import config as cfgmod
+    from mfld import duality, dynamics, entropy
+    from mfld.app import inputs
+
+    cfg = cfgmod.load(None, [f"data.params.d={d}", f"model.n_particles={n}"])
+    pb = inputs.build_problem(cfg, inputs.make_dataset(cfg))
+    st = dynamics.init_particles(pb, n, 0)
+    stepper = dynamics.Langevin(cfg.dynamics.eta)
+    st, _ = dynamics.simulate(pb, st, stepper, 100, record_every=100)  # compiled, and off the start
+    states, t_steps = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        st, _ = dynamics.simulate(pb, st, stepper, 100, record_every=100)
+        np.asarray(st.w)
+        t_steps.append(time.perf_counter() - t0)
+        states.append((np.asarray(st.a), np.asarray(st.w)))
+    rec = cfg.record
+    duality.certify(pb, *states[0], method=rec.certify_method, n_samples=rec.certify_samples)  # warm-up
+    spec = duality._spec(pb)
+    parts = {"100 steps": t_steps, "log Z (dual and primal)": [], "k-NN free energy": [], "certify (all)": []}
+    method = None
+    for a, w in states:
+        a64, w64 = np.asarray(a, np.float64), np.asarray(w, np.float64)
+        u = spec.loss_deriv(duality._network_output(spec, a64, w64), spec.y)
+        t0 = time.perf_counter()
+        ev = duality._evaluate_spec(spec, u, rec.certify_method, rec.certify_samples, 0)
+        parts["log Z (dual and primal)"].append(time.perf_counter() - t0)
+        method = ev.method
+        t0 = time.perf_counter()
+        entropy.free_energy_estimate(pb, a64, w64)
+        parts["k-NN free energy"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        duality.certify(pb, a, w, method=rec.certify_method, n_samples=rec.certify_samples)
+        parts["certify (all)"].append(time.perf_counter() - t0)
+    return {"d": d, "N": n, "method": method, "particle_dim": pb.particle_dim,
+            "parts": {k: _med(v) for k, v in parts.items()}, "load": os.getloadavg()[0]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=",".join(DEFAULT_CASES), help="d:N,d:N,... (first: the headline case)")
@@ -107,7 +155,16 @@ def main(argv=None):
     ap.add_argument("--certify-every", type=int, default=None, help="record.certify_every of 'on' (default: config's)")
     ap.add_argument("--quick", action="store_true", help="only the first case, 2 rounds")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--breakdown", default=None, metavar="d:N,...", help="time the parts of one certificate")
     args = ap.parse_args(argv)
+    if args.breakdown:
+        for c in args.breakdown.split(","):
+            d, n = (int(v) for v in c.split(":"))
+            b = breakdown(d, n)
+            print(f"d={d} N={n} (particle dim {b['particle_dim']}, log Z by {b['method']}, load {b['load']:.1f}):")
+            for k, (m, lo, hi) in b["parts"].items():
+                print(f"  {k:26s} {1000 * m:8.1f} ms  ({1000 * lo:.1f}-{1000 * hi:.1f})")
+        return
     cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",") if c]
     if args.quick:
         cases, args.rounds = cases[:1], 2
