@@ -224,15 +224,23 @@ def animate(run_dir, out_gif):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Sweep directory.")
 @click.option("--threads", type=int, default=None, help="CPU cores to use (before JAX starts).")
-def sweep(config, grid, seeds, overrides, out, threads):
-    """All members of a hyperparameter grid in one compiled, vmapped call (see mfld.app.sweep_cmd)."""
+@click.option("--resume", "resume", is_flag=True, help="Continue the interrupted sweep in --out (same arguments).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def sweep(config, grid, seeds, overrides, out, threads, resume, quiet):
+    """All members of a hyperparameter grid in one compiled, vmapped call (see mfld.app.sweep_cmd).
+    Exit status 3 when a member diverged (as mfld run)."""
     if threads is not None:
         from mfld.sharding import configure_cpu
 
         configure_cpu(threads=threads)
     from mfld.app.sweep_cmd import run_sweep
 
-    click.echo(str(run_sweep(config, overrides, grid, seeds, out)))
+    res = run_sweep(config, overrides, grid, seeds, out, resume=resume, progress=not quiet)
+    click.echo(str(res.out))
+    if res.diverged:
+        click.echo(f"note: {len(res.diverged)} of {len(res.statuses)} members diverged: "
+                   f"{', '.join(res.diverged[:5])}{' ...' if len(res.diverged) > 5 else ''}")
+        sys.exit(EXIT_DIVERGED)
 
 
 def main(argv=None):

@@ -11,6 +11,17 @@ at finite N, and the bias grows with D (for a Gaussian it is a few hundredths of
 dimension at N = 10^4, D <= 5): everything built on it is an *estimate*, never a bound.
 Above ``RELIABLE_MAX_DIM`` dimensions outputs say so explicitly.
 
+Cost. A KD-tree query grows much faster than N in high dimensions: cheap for D <= 5, but in
+D = 12 (d = 10 inputs with a bias) it took 0.27 s at N = 4000 and 5 s at N = 20000 per call
+on a quiet machine (0.8 / 0.19 / 0.03 s for N = 4000 / 2048 / 1024 on a loaded one): the
+largest part of a certificate record (docs/certificates.md, "Cost"). Where the estimate is
+flagged unreliable anyway (D > ``RELIABLE_MAX_DIM``),
+:func:`particle_entropy` and :func:`free_energy_estimate` therefore use an evenly strided
+subsample of at most :data:`UNRELIABLE_MAX_SAMPLES` particles (particles are exchangeable, so
+this is a subsample of the same empirical law; deterministic, so runs stay bit-reproducible);
+the estimator's finite-sample bias is then that of the subsample size (the ``entropy_samples``
+output says how many were used).
+
 Everything is computed in float64 on upcast copies, whatever the particles' precision.
 """
 
@@ -24,24 +35,47 @@ from scipy.special import digamma, gammaln
 
 from mfld.errors import ConfigError
 
-__all__ = ["RELIABLE_MAX_DIM", "knn_entropy", "free_energy_estimate", "particle_entropy", "upcast_particles"]
+__all__ = ["RELIABLE_MAX_DIM", "UNRELIABLE_MAX_SAMPLES", "knn_entropy", "free_energy_estimate", "particle_entropy",
+           "upcast_particles"]
 
 #: Largest particle dimension D for which the k-NN entropy is treated as reliable.
 RELIABLE_MAX_DIM = 5
 
+#: Particles used for the (unreliable) k-NN entropy above ``RELIABLE_MAX_DIM`` dimensions.
+UNRELIABLE_MAX_SAMPLES = 1024
 
-def knn_entropy(x, k: int = 3) -> float:
+
+def subsample(x, max_samples: int | None) -> np.ndarray:
+    """At most ``max_samples`` rows of ``x``, evenly strided over all of them (None: all)."""
+    n = x.shape[0]
+    if max_samples is None or n <= int(max_samples):
+        return x
+    idx = np.unique(np.round(np.linspace(0, n - 1, int(max_samples))).astype(np.int64))
+    return x[idx]
+
+
+def default_max_samples(dim: int) -> int | None:
+    """The subsample size :func:`particle_entropy` uses by default for particles in R^dim."""
+    return None if dim <= RELIABLE_MAX_DIM else UNRELIABLE_MAX_SAMPLES
+
+
+def knn_entropy(x, k: int = 3, max_samples: int | None = None) -> float:
     """Kozachenko-Leonenko entropy estimate (nats) of samples ``x`` of shape (N,) or (N, D).
 
     ``k``: neighbour order (k = 3 trades a little bias for much less variance than k = 1).
     Coincident points (zero distances) are floored at the smallest positive float spacing
-    of the data's scale, so the estimate stays finite.
+    of the data's scale, so the estimate stays finite. ``max_samples``: use at most this many
+    rows, evenly strided (:func:`subsample`; None: all).
     """
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == 1:
         x = x[:, None]
     if x.ndim != 2:
         raise ConfigError(f"samples must be (N,) or (N, D), got shape {x.shape}", field="particles")
+    if max_samples is not None and int(max_samples) <= k:
+        raise ConfigError("the subsample must hold more than k samples", field="entropy.max_samples",
+                          value=max_samples, allowed=f"> k = {k}")
+    x = subsample(x, max_samples)
     n, dim = x.shape
     k = int(k)
     if k < 1:
@@ -69,13 +103,17 @@ def upcast_particles(a, w) -> tuple[np.ndarray, np.ndarray]:
     return a, w
 
 
-def particle_entropy(problem, a, w, k: int = 3) -> float:
+def particle_entropy(problem, a, w, k: int = 3, max_samples: int | str | None = "auto") -> float:
     """Entropy estimate of the particles' law in the trained coordinates.
 
     ``trained``/``bounded`` output layer: theta = (a, w) in R^{p+1}. ``fixed``: the
     mass-weighted sum over the sign groups, sum_s pi_s H(rho_s) with pi_s the groups'
     particle fractions (the entropy convention of THEORY section 8).
+    ``max_samples``: "auto" (:func:`default_max_samples`: all particles up to
+    ``RELIABLE_MAX_DIM`` dimensions, else a subsample), an int (per sign group) or None (all).
     """
+    if max_samples == "auto":
+        max_samples = default_max_samples(problem.particle_dim)
     a, w = upcast_particles(a, w)
     if problem.output == "fixed":
         total = 0.0
@@ -83,34 +121,51 @@ def particle_entropy(problem, a, w, k: int = 3) -> float:
             grp = w[np.sign(a) == s]
             if grp.shape[0] == 0:
                 continue
-            total += grp.shape[0] / w.shape[0] * knn_entropy(grp, k)
+            total += grp.shape[0] / w.shape[0] * knn_entropy(grp, k, _cap(max_samples, k))
         return total
-    return knn_entropy(np.concatenate([a[:, None], w], axis=1), k)
+    return knn_entropy(np.concatenate([a[:, None], w], axis=1), k, _cap(max_samples, k))
 
 
-def free_energy_estimate(problem, a, w, k: int = 3) -> dict:
+def _samples_used(problem, a, max_samples, k) -> int:
+    groups = [int(np.sum(np.sign(a) == s)) for s in (1.0, -1.0)] if problem.output == "fixed" else [a.shape[0]]
+    cap = _cap(max_samples, k)
+    return sum(g if cap is None else min(g, cap) for g in groups)
+
+
+def _cap(max_samples, k):
+    return None if max_samples is None else max(int(max_samples), k + 1)
+
+
+def free_energy_estimate(problem, a, w, k: int = 3, max_samples: int | str | None = "auto", f=None) -> dict:
     """F_KL(rho_N) = R + (lam/2) E|theta|^2 - tau H_kNN, with its parts (all float64).
 
     Keys: ``risk``, ``reg_risk`` (R + (lam/2) E|theta|^2), ``entropy`` (H_kNN),
     ``free_energy_est`` and ``entropy_reliable`` (1.0 if the particle dimension is at most
-    :data:`RELIABLE_MAX_DIM`, else 0.0: the estimate is then strongly biased). Mean-field
+    :data:`RELIABLE_MAX_DIM`, else 0.0: the estimate is then strongly biased) and
+    ``entropy_samples`` (particles the k-NN entropy used: ``max_samples``, see
+    :func:`particle_entropy`; a subsample only where ``entropy_reliable`` is 0 by default).
+    ``f``: the network output f_rho(x_j) in float64 if the caller has it already (saves the
+    N x n evaluation; :func:`mfld.duality.certify` computes it anyway). Mean-field
     scaling only (the free energy is undefined under NTK scaling).
     """
     from mfld.duality import _network_output, _spec  # local import: duality imports this module
 
     spec = _spec(problem, need_tau=False)
     a64, w64 = upcast_particles(a, w)
-    f = _network_output(spec, a64, w64)
+    f = _network_output(spec, a64, w64) if f is None else np.asarray(f, dtype=np.float64)
     risk = float(np.mean(spec.loss_value(f, spec.y)))
     m2 = float(np.mean(np.sum(w64 * w64, axis=1)))
     if spec.output != "fixed":
         m2 += float(np.mean(a64 * a64))
     reg = risk + 0.5 * spec.lam * m2
-    h = particle_entropy(problem, a64, w64, k)
+    h = particle_entropy(problem, a64, w64, k, max_samples)
+    if max_samples == "auto":
+        max_samples = default_max_samples(problem.particle_dim)
     return {
         "risk": risk,
         "reg_risk": reg,
         "entropy": h,
         "free_energy_est": reg - spec.tau * h,
         "entropy_reliable": 1.0 if problem.particle_dim <= RELIABLE_MAX_DIM else 0.0,
+        "entropy_samples": float(_samples_used(problem, a64, max_samples, k)),
     }

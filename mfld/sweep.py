@@ -60,6 +60,15 @@ def grid(problem: Problem, stepper: Langevin, *, lam=None, tau=None, eta=None, s
         bad = [v for v in vals if not (np.isfinite(v) and ok(v))]
         if bad:
             raise ConfigError("bad sweep value", field=name, value=bad[0], allowed=allowed)
+    # every member has its own directory named by its label: duplicates (or values that the
+    # label's 6 significant digits cannot tell apart) are refused before anything runs
+    for name, vals in [("objective.lam", lams), ("objective.tau", taus), ("dynamics.eta", etas),
+                       ("sweep.seeds", seed_list)]:
+        labels = [f"{v:g}" for v in vals]
+        dup = next((v for v, lab in zip(vals, labels, strict=True) if labels.count(lab) > 1), None)
+        if dup is not None:
+            raise ConfigError("duplicate sweep value (or equal to 6 significant digits)", field=name, value=dup,
+                              allowed="distinct values")
     return [Member(lm, t, e, s) for lm, t, e, s in itertools.product(lams, taus, etas, seed_list)]
 
 
@@ -110,12 +119,21 @@ def _cached_runner(problem, stepper, donate):
 
 def run(problem: Problem, stepper: Langevin, members: list[Member], n_particles: int, n_steps: int, *,
         record_every: int = 100, chunk: int | None = None, recorder: Callable | None = None,
-        init_kwargs: dict | None = None, record_initial: bool = True):
+        init_kwargs: dict | None = None, record_initial: bool = True, callback: Callable | None = None,
+        state: ParticleState | None = None, progress=None, histories: list[History] | None = None):
     """Run every member for ``n_steps`` steps from its own initialisation, all at once.
 
     Returns ``(final_states, histories)``: a ParticleState whose leaves have a leading
     member axis, and one :class:`mfld.dynamics.History` per member with the columns that
     :func:`mfld.dynamics.simulate` records (step, t, the recorder's, wall_time).
+
+    ``callback(states, rows)`` is called at each record with the stacked states and the
+    members' rows (one dict each, in member order) before they are stored; it may add
+    columns to the rows (certificates). ``state``: stacked states to continue from (a resumed
+    sweep: every member at the same ``step``; the run then goes up to ``n_steps`` in total,
+    on the same absolute segment ends, so the trajectory is that of an uninterrupted sweep).
+    ``progress``: an object with ``update(n)`` (a tqdm bar) told the steps done, or None.
+    ``histories``: one History per member to append the rows to (so a callback sees them).
     """
     from mfld import observables
 
@@ -126,10 +144,19 @@ def run(problem: Problem, stepper: Langevin, members: list[Member], n_particles:
     if record_every < 1:
         raise ConfigError("must be positive", field="record.every", value=record_every)
     recorder = recorder or observables.record
-    pb, state, st = _stack(problem, stepper, members, n_particles, init_kwargs or {})
+    pb, state0, st = _stack(problem, stepper, members, n_particles, init_kwargs or {})
+    given = state is not None
+    if given:
+        if state.w.shape != state0.w.shape or state.w.dtype != state0.w.dtype:
+            raise ConfigError(f"stored sweep states have shape {state.w.shape} ({state.w.dtype}) but the sweep "
+                              f"gives {state0.w.shape} ({state0.w.dtype})", field="--resume")
+        state0 = state
+    state = state0
     p_axes, s_axes = _axes(problem, st)
     rec = xla.jit(jax.vmap(recorder, in_axes=(p_axes, 0)))
-    hists = [History() for _ in members]
+    hists = [History() for _ in members] if histories is None else list(histories)
+    if len(hists) != len(members):
+        raise ConfigError("one history per member", field="histories", value=len(hists), allowed=len(members))
     etas = [float(m.eta) for m in members]
     t0 = time.perf_counter()
 
@@ -137,22 +164,32 @@ def run(problem: Problem, stepper: Langevin, members: list[Member], n_particles:
         vals = {k: np.asarray(v) for k, v in rec(pb, s).items()}
         k_step = int(np.asarray(s.step)[0])
         wall = time.perf_counter() - t0
-        for i, h in enumerate(hists):
+        rows = []
+        for i in range(len(hists)):
             row = {"step": k_step, "t": float(k_step) * etas[i]}
             row.update({k: float(v[i]) for k, v in vals.items()})
             row["wall_time"] = wall
+            rows.append(row)
+        if callback is not None:
+            callback(s, rows)
+        for h, row in zip(hists, rows, strict=True):
             h.append(row)
 
-    if record_initial:
+    start, stop = int(np.asarray(state.step)[0]), int(n_steps)
+    exposed = given  # a caller's state is not ours to donate
+    if record_initial and start == 0:
         take(state)
-    start, stop = 0, int(n_steps)
-    exposed = False  # the stacked state is ours
+        exposed = exposed or callback is not None
     now = start
     for end in dynamics.segment_ends(start, stop, record_every, chunk or record_every):
         state = _cached_runner(problem, st, not exposed)(pb, state, st, n_steps=end - now)
+        if progress is not None:
+            progress.update(end - now)
         now = end
+        exposed = False  # the segment's output is ours
         if end % record_every == 0 or end == stop:
             take(state)
+            exposed = callback is not None  # the callback may keep the states it saw
     return state, hists
 
 

@@ -75,3 +75,52 @@ def test_fixed_layer_entropy_is_mass_weighted():
     h = particle_entropy(pr, a, w)
     expect = 0.25 * knn_entropy(w[:1000]) + 0.75 * knn_entropy(w[1000:])
     assert h == pytest.approx(expect, rel=1e-12)
+
+
+def test_unreliable_dimension_uses_a_strided_subsample():
+    """Above RELIABLE_MAX_DIM the k-NN entropy (flagged unreliable) runs on an evenly strided,
+    deterministic subsample of UNRELIABLE_MAX_SAMPLES particles (its cost grows like
+    N^(2 - 1/D)); up to RELIABLE_MAX_DIM every particle is used. Exact equalities: the same
+    float64 rows go into the same KD-tree query."""
+    from mfld import entropy
+
+    rng = np.random.default_rng(3)
+    n, m = 5000, entropy.UNRELIABLE_MAX_SAMPLES
+    for d_in, dim_ok in ((10, False), (2, True)):
+        x = rng.uniform(-1, 1, (30, d_in))
+        with jax.enable_x64(True):
+            pr = Problem.create(x, np.sin(x[:, 0]), lam=0.1, tau=0.05)
+        a, w = rng.standard_normal(n), rng.standard_normal((n, pr.p))
+        theta = np.concatenate([a[:, None], w], axis=1)
+        fe = free_energy_estimate(pr, a, w)
+        assert fe["entropy_reliable"] == (1.0 if dim_ok else 0.0)
+        if dim_ok:
+            assert fe["entropy_samples"] == n
+            assert fe["entropy"] == knn_entropy(theta)
+        else:
+            assert fe["entropy_samples"] == m
+            idx = np.round(np.linspace(0, n - 1, m)).astype(int)
+            assert len(np.unique(idx)) == m and idx[0] == 0 and idx[-1] == n - 1
+            assert fe["entropy"] == knn_entropy(theta[idx])
+            assert fe["entropy"] != knn_entropy(theta)  # really a subsample
+            # all particles when asked (None), the same subsample when asked explicitly
+            assert free_energy_estimate(pr, a, w, max_samples=None)["entropy"] == knn_entropy(theta)
+            assert particle_entropy(pr, a, w, max_samples=m) == fe["entropy"]
+    assert knn_entropy(theta, max_samples=10 * n) == knn_entropy(theta)
+    with pytest.raises(ConfigError, match="max_samples"):
+        knn_entropy(theta, max_samples=3)
+
+
+def test_free_energy_estimate_takes_the_callers_network_output():
+    """``f=`` (the output certify has already computed) gives the same numbers; a wrong f
+    changes the risk, so it is really used."""
+    from mfld.duality import _network_output, _spec
+
+    rng = np.random.default_rng(4)
+    x = rng.uniform(-1, 1, (30, 1))
+    with jax.enable_x64(True):
+        pr = Problem.create(x, np.sin(3 * x[:, 0]), lam=0.1, tau=0.05)
+    a, w = rng.standard_normal(500), rng.standard_normal((500, 2))
+    f = _network_output(_spec(pr), a, w)
+    assert free_energy_estimate(pr, a, w, f=f) == free_energy_estimate(pr, a, w)
+    assert free_energy_estimate(pr, a, w, f=f + 0.1)["risk"] != free_energy_estimate(pr, a, w)["risk"]
