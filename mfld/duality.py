@@ -1034,7 +1034,7 @@ def certify(problem, a, w, *, method="auto", n_samples=65536, seed=0, optimum=No
     ev = _evaluate_spec(spec, u, method, n_samples, seed, memory_budget, proposal)
     lower, upper = ev.lower, ev.upper
     finite_state = bool(np.all(np.isfinite(a64)) and np.all(np.isfinite(w64)) and np.all(np.isfinite(f)))
-    fe = (free_energy_estimate(problem, a64, w64) if finite_state
+    fe = (free_energy_estimate(problem, a64, w64, f=f) if finite_state
           else {"free_energy_est": math.nan, "entropy_reliable": math.nan})
     out = {
         "dual_lower": float(lower),
