@@ -107,3 +107,43 @@ def test_nothing_points_outside_the_repository():
             if any(s in line for s in needles):
                 bad.append(f"{p.relative_to(ROOT)}:{i}: {line.strip()[:100]}")
     assert not bad, "\n".join(bad)
+
+
+def test_site_builds_strict_with_the_gallery_executed(tmp_path):
+    """`mkdocs build --strict` passes (no network needed), the gallery pages hold the current
+    output of each script (numbers and figures), and the API page documents every export."""
+    pytest.importorskip("mkdocs", reason="the docs tools come with the dev extra")  # CI installs them
+    site = tmp_path / "site"
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    env.pop("MFLD_DOCS_GALLERY", None)
+    res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", str(ROOT / "mkdocs.yml"),
+                          "-d", str(site)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    gal = site / "gallery"
+    # every example ran and printed what it prints today
+    own = (gal / "own_data" / "index.html").read_text(encoding="utf-8")
+    assert re.search(r"train accuracy 0\.\d+, test accuracy 0\.\d+", own), "own_data output missing"
+    cert = (gal / "certify" / "index.html").read_text(encoding="utf-8")
+    assert re.search(r"measured rate [0-9.]+ \(95% CI", cert), "certify output missing"
+    quick = (gal / "quickstart" / "index.html").read_text(encoding="utf-8")
+    assert (gal / "quickstart" / "runs" / "quickstart" / "figures" / "function.png").stat().st_size > 1000
+    assert "runs/quickstart/figures/function.png" in quick
+    exp = (gal / "experiment_linear_convergence" / "index.html").read_text(encoding="utf-8")
+    assert "What the theory predicts" in exp  # the experiment's report.md, embedded
+    assert (gal / "experiment_linear_convergence" / "experiments" / "linear-convergence" / "rates.png").exists()
+    # the API page: one documented entry per public name of mfld
+    sys.path.insert(0, str(ROOT / "docs" / "_hooks"))
+    try:
+        from gallery import exported_names
+    finally:
+        sys.path.pop(0)
+    api = (site / "api" / "index.html").read_text(encoding="utf-8")
+    import mfld
+
+    assert set(exported_names(ROOT)) == set(mfld.__all__) - {"__version__"}
+    missing = [n for n, m in exported_names(ROOT).items() if f'id="{m}.{n}"' not in api]
+    assert not missing, missing
+    # the theory page is there, with its eight sections
+    theory = (site / "theory" / "index.html").read_text(encoding="utf-8")
+    assert all(f"{k}. " in theory for k in range(1, 9))
