@@ -125,7 +125,7 @@ def _gallery_pages(root: Path, config, files) -> None:
             page += ["!!! warning", "    Not executed in this build (`MFLD_DOCS_GALLERY=skip`).", ""]
         else:
             res = results[name]
-            page += [f"## Output", "", f"Printed when the site was built ({res['wall_s']:.1f} s):", "",
+            page += ["## Output", "", f"Printed when the site was built ({res['wall_s']:.1f} s):", "",
                      "```text", res["stdout"].rstrip() or "(nothing printed)", "```", ""]
             for report in sorted(workdirs[name].rglob("report.md")):
                 page += ["## The report it wrote", "",
