@@ -50,6 +50,12 @@ def overlapping_tick_labels(fig) -> list[str]:
                 for j in range(i + 1, len(boxes)):
                     if boxes[i][1].overlaps(boxes[j][1]):
                         bad.append(f"{boxes[i][0]!r} / {boxes[j][0]!r}")
+    # the axes titles of one figure do not run into each other either
+    titles = [(ax.get_title(), ax.title.get_window_extent(renderer)) for ax in fig.axes if ax.get_title()]
+    for i in range(len(titles)):
+        for j in range(i + 1, len(titles)):
+            if titles[i][1].overlaps(titles[j][1]):
+                bad.append(f"title {titles[i][0][:30]!r} / {titles[j][0][:30]!r}")
     return bad
 
 

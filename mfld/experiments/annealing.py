@@ -53,8 +53,8 @@ def annealed_verdict(wm) -> str:
         return "annealed: too few records to say"
     i = int(np.argmin(wm[:, 1]))
     if i == len(wm) - 1:
-        return f"annealed: still descending at the end (F_0 {wm[0, 1]:.3g} -> {wm[-1, 1]:.3g}, last window lowest)"
-    return (f"annealed: not descending at the end (lowest F_0 {wm[i, 1]:.3g} at t ~ {wm[i, 0]:.3g}, "
+        return f"annealed: still descending at the end\n(F_0 {wm[0, 1]:.3g} -> {wm[-1, 1]:.3g}, last window lowest)"
+    return (f"annealed: not descending at the end\n(lowest F_0 {wm[i, 1]:.3g} at t ~ {wm[i, 0]:.3g}, "
             f"last window {wm[-1, 1]:.3g})")
 
 
@@ -117,7 +117,7 @@ def run(out_dir, quick: bool = False) -> dict:
     axes[0].set_ylabel("F_0 = R + (lam/2) E|theta|^2  (entropy-free objective)")
     plateaus = ", ".join(f"{v:.3g}" for r, v in zip(rows["run"], rows["final_F0"], strict=True)
                          if not r.startswith("annealed"))
-    f0_title = f"fixed tau: plateaus F_0 = {plateaus}; {verdict}"
+    f0_title = f"fixed tau: plateaus F_0 = {plateaus}\n{verdict}"
     axes[0].set_title(f0_title, fontsize=8)
     axes[1].set_ylabel("unregularised training risk R (1/2 mean squared error)")
     axes[1].set_title("risk (late: the lam = 1e-2 weight-decay bias dominates)", fontsize=8.5)

@@ -204,8 +204,8 @@ def run(out_dir, quick: bool = False) -> dict:
     axes[1].set_ylabel("||K_T - K_0||_F / ||K_0||_F (training inputs)")
     axes[2].set_ylabel("RMS over test x of f_T(x) - f_T^NTK-flow(x)")
     axes[3].set_ylabel("test risk (1/2 mean squared error)")
-    axes[0].set_title("distance travelled by the neurons: NTK lazy (slope -1/2), mean field O(1)", fontsize=8)
-    axes[1].set_title("NTK: the kernel freezes (O(1/N) here: symmetric init); mean field: it learns",
+    axes[0].set_title("distance travelled by the neurons:\nNTK lazy (slope -1/2), mean field O(1)", fontsize=8)
+    axes[1].set_title("NTK: the kernel freezes (O(1/N) here: symmetric init);\nmean field: it learns",
                       fontsize=8)
     axes[2].set_title("NTK: converges to kernel gradient flow", fontsize=9)
     axes[3].set_title(f"test risk after T = {T:g} (tau = 0, lam = 1e-3)", fontsize=9)
