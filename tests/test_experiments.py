@@ -50,6 +50,16 @@ def overlapping_tick_labels(fig) -> list[str]:
                 for j in range(i + 1, len(boxes)):
                     if boxes[i][1].overlaps(boxes[j][1]):
                         bad.append(f"{boxes[i][0]!r} / {boxes[j][0]!r}")
+    # no data point (a marker without a line) is silently outside the axes' y range
+    for ax in fig.axes:
+        lo, hi = sorted(ax.get_ylim())
+        for line in ax.get_lines():
+            if line.get_linestyle() in ("None", "", " ") and line.get_marker() not in (None, "None", ""):
+                y = np.asarray(line.get_ydata(), dtype=float)
+                y = y[np.isfinite(y) & ((y > 0) | (ax.get_yscale() != "log"))]
+                out = int(np.sum((y < lo * (1 - 1e-9)) | (y > hi * (1 + 1e-9))))
+                if out:
+                    bad.append(f"{out} of {y.size} points of {line.get_label()!r} outside the y range")
     # the axes titles of one figure do not run into each other either
     titles = [(ax.get_title(), ax.title.get_window_extent(renderer)) for ax in fig.axes if ax.get_title()]
     for i in range(len(titles)):
