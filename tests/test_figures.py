@@ -156,7 +156,9 @@ def test_gap_legend_is_computed_from_the_data_shown(tmp_path, captured):
     fit = next(s for s in texts if s.startswith("fit on t∈["))
     t_end = float(fit.split("[")[1].split(",")[1].split("]")[0])
     assert t_end <= 4.0 + 1e-9  # the fitted window stops at the minimum
-    assert any("rises ×10" in s for s in texts), texts
+    assert any("×10 above" in s for s in texts), texts  # the rise after the minimum is named
+    span = next(s for s in texts if s.startswith("t > "))
+    assert "not fitted" in span and f"{np.exp(-8) * 10:.2g}" in span  # the range of what follows the fit
     assert "λ = 0.1" in fig._suptitle.get_text()
 
 
@@ -166,7 +168,7 @@ def test_gap_legend_without_a_rise_says_nothing_of_one(tmp_path, captured):
     t = np.linspace(0, 5, 60)
     plot_gap({"t": t, "dual_lower": -np.exp(-t), "primal_upper": np.exp(-t)}, tmp_path / "gap.png")
     texts = [tx.get_text() for tx in captured["gap.png"].axes[0].get_legend().get_texts()]
-    assert not any("rises" in s for s in texts)
+    assert not any("above it" in s for s in texts)
 
 
 # ---- style, captions, formats -------------------------------------------------------------------

@@ -64,6 +64,9 @@ def rho_star_density(problem, a_lim, w_lim, n: int = 120):
     except (TheoryNotApplicable, RuntimeError):
         return None
     h, ae, we = np.histogram2d(a, w[:, 0], bins=n // 2, range=[a_lim, w_lim], density=True)
+    from scipy.ndimage import gaussian_filter
+
+    h = gaussian_filter(h, 1.0)  # a histogram of samples: smooth out the counting noise (one bin)
     return 0.5 * (ae[1:] + ae[:-1]), 0.5 * (we[1:] + we[:-1]), h
 
 
@@ -87,8 +90,15 @@ def draw_first_frame(snaps, problem, a_lim, w_lim):
         dens = rho_star_density(problem, a_lim, w_lim)
         if dens is not None:
             A, W, D = dens
-            ax.contourf(W, A, D, levels=12, cmap="Blues", alpha=0.55, zorder=1)
-            lines = ax.contour(W, A, D, levels=6, colors="navy", linewidths=1.1, zorder=4)
+            D = np.asarray(D, dtype=float)
+            top = float(D.max())
+            if top > 0:
+                # levels at fixed fractions of the peak: the outermost contour encloses the bulk
+                # of rho* instead of tracing histogram noise in its tails
+                ax.contourf(W, A, D, levels=np.linspace(0.05, 1.0, 11) * top, cmap="Blues", alpha=0.55,
+                            zorder=1, extend="max")
+                lines = ax.contour(W, A, D, levels=np.array([0.1, 0.3, 0.5, 0.7, 0.9]) * top, colors="navy",
+                                   linewidths=1.1, zorder=4)
             ax.plot([], [], "-", color="navy", label="density of rho* (contours)")
     n = snaps[0][1].size
     idx = _drawn(n)

@@ -107,10 +107,15 @@ def plot_gap(metrics, out_path, F_star=None, setting: str | None = None):
                     label="F(ρ̂ᵤ) − F*  (primal upper bound − F*)")
         ax.semilogy(t[m2], d_lo[m2], "^-", ms=3, color="C2", alpha=0.85,
                     label="F* − D(u)  (F* − dual lower bound)")
+    if fit is not None and rate is not None:
+        after = pos & (t > fit.t_end)
+        if after.any():
+            lo_a, hi_a = float(gap[after].min()), float(gap[after].max())
+            ax.axvspan(fit.t_end, float(t[after].max()), color="0.9", zorder=0,
+                       label=f"t > {fit.t_end:.3g}: not fitted; the gap stays between {lo_a:.2g} and {hi_a:.2g}")
     if rise > 2.0:
         ax.semilogy([t_min], [g_min], "v", color="C3", ms=7, zorder=6,
-                    label=f"minimum {g_min:.2g} at t = {t_min:.3g}; the gap then rises ×{rise:.3g} "
-                          "(not part of the fit)")
+                    label=f"minimum {g_min:.2g} at t = {t_min:.3g}; the last record is ×{rise:.3g} above it")
     ax.set_xlabel("time t = step × η")
     ax.set_ylabel("free-energy gap (units of F)")
     title = "Distance to the global optimum of F"
