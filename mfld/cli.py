@@ -83,8 +83,10 @@ def _set_x64(enabled: bool):
               help="Multi-process run: process 0's address ('auto': detect a SLURM/MPI cluster).")
 @click.option("--num-processes", type=int, default=None, metavar="P", help="Multi-process run: process count.")
 @click.option("--process-id", type=int, default=None, metavar="I", help="Multi-process run: this process (0..P-1).")
+@click.option("--format", "fig_format", type=click.Choice(["png", "pdf", "svg"]), default="png", show_default=True,
+              help="File format of the figures.")
 def run(config, overrides, out, x64, overwrite, resume, quiet, devices, threads, coordinator, num_processes,
-        process_id):
+        process_id, fig_format):
     """Train on CONFIG (YAML; default: the embedded teacher-student problem)."""
     if devices is not None or threads is not None:  # before JAX (and NumPy's BLAS) start
         from mfld.sharding import configure_cpu
@@ -110,8 +112,11 @@ def run(config, overrides, out, x64, overwrite, resume, quiet, devices, threads,
         runner.run(prep, out=out, resume=resume, progress=False, devices=devices, write=False,
                    handle_signals=False, follower=True)
         return
-    res = runner.run(prep, out=out, overwrite=overwrite, resume=resume, progress=not quiet and cfg.record.progress,
-                     devices=devices)
+    from mfld.app.style import figure_format
+
+    with figure_format(fig_format):
+        res = runner.run(prep, out=out, overwrite=overwrite, resume=resume,
+                         progress=not quiet and cfg.record.progress, devices=devices)
     _print_summary(res)
     status = res.summary.get("status")
     if status == "diverged":
@@ -173,11 +178,16 @@ def validate(config, overrides):
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-def plot(run_dir):
+@click.option("--format", "fig_format", type=click.Choice(["png", "pdf", "svg"]), default="png", show_default=True,
+              help="File format of the figures.")
+def plot(run_dir, fig_format):
     """Redraw the figures of RUN_DIR from its files."""
     from mfld.app.replot import replot
+    from mfld.app.style import figure_format
 
-    for name in replot(run_dir):
+    with figure_format(fig_format):
+        names = replot(run_dir)
+    for name in names:
         click.echo(os.path.join(run_dir, "figures", name))
 
 
@@ -197,12 +207,16 @@ def optimum_cmd(config, overrides, out):
 @click.option("--quick", is_flag=True, help="Seconds-long CI setting instead of the full one.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output directory (default experiments/NAME).")
-def experiment(name, quick, out):
+@click.option("--format", "fig_format", type=click.Choice(["png", "pdf", "svg"]), default="png", show_default=True,
+              help="File format of the figures.")
+@click.option("--quiet", is_flag=True, help="No progress bar (none is shown either when stderr is not a terminal).")
+def experiment(name, quick, out, fig_format, quiet):
     """Run experiment NAME (linear-convergence, global-optimality, discretisation, mf-vs-ntk,
     annealing, minibatch): figures, report.md and CSVs in one directory."""
     from mfld.experiments import run_experiment
 
-    click.echo(os.path.join(str(run_experiment(name, out, quick=quick)), "report.md"))
+    path = run_experiment(name, out, quick=quick, progress=not quiet, figure_format=fig_format)
+    click.echo(os.path.join(str(path), "report.md"))
 
 
 @cli.command()

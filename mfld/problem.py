@@ -51,13 +51,14 @@ class Problem:
     bias: bool = field(metadata=dict(static=True))
 
     @classmethod
-    def create(cls, x, y, *, activation="tanh", loss="squared", lam=0.1, tau=0.01,
+    def create(cls, x, y, *, activation="tanh", loss="squared", lam=0.1, tau=0.05,
                bias=True, output="trained", r_out=1.0, scaling="mean_field",
                x_test=None, y_test=None, dtype=None) -> Problem:
         """Validate and build a Problem from raw inputs ``x (n, d)`` and targets ``y (n,)``.
 
         ``bias=True`` appends a constant-1 feature. ``dtype`` defaults to JAX's default
-        float (float32 unless x64 is enabled).
+        float (float32 unless x64 is enabled). The defaults of ``lam`` and ``tau`` are the
+        config's (``objective.lam`` = 0.1, ``objective.tau`` = 0.05), so Python and the CLI agree.
         """
         act = get_activation(activation)
         lss = get_loss(loss)

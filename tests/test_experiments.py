@@ -33,6 +33,69 @@ def outdir(tmp_path_factory):
     return tmp_path_factory.mktemp("exp")
 
 
+def overlapping_tick_labels(fig) -> list[str]:
+    """Pairs of drawn x or y tick labels of one axes whose rendered boxes overlap."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    bad = []
+    for ax in fig.axes:
+        for axis, lim in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            lo, hi = min(lim), max(lim)
+            boxes = []
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                lab = tick.label1
+                if lab.get_visible() and lab.get_text() and lo <= tick.get_loc() <= hi:
+                    boxes.append((lab.get_text(), lab.get_window_extent(renderer).expanded(0.98, 0.98)))
+            for i in range(len(boxes)):
+                for j in range(i + 1, len(boxes)):
+                    if boxes[i][1].overlaps(boxes[j][1]):
+                        bad.append(f"{boxes[i][0]!r} / {boxes[j][0]!r}")
+    # no data point (a marker without a line) is silently outside the axes' y range
+    for ax in fig.axes:
+        lo, hi = sorted(ax.get_ylim())
+        for line in ax.get_lines():
+            if line.get_linestyle() in ("None", "", " ") and line.get_marker() not in (None, "None", ""):
+                y = np.asarray(line.get_ydata(), dtype=float)
+                y = y[np.isfinite(y) & ((y > 0) | (ax.get_yscale() != "log"))]
+                out = int(np.sum((y < lo * (1 - 1e-9)) | (y > hi * (1 + 1e-9))))
+                if out:
+                    bad.append(f"{out} of {y.size} points of {line.get_label()!r} outside the y range")
+    # the axes titles of one figure do not run into each other either
+    titles = [(ax.get_title(), ax.title.get_window_extent(renderer)) for ax in fig.axes if ax.get_title()]
+    for i in range(len(titles)):
+        for j in range(i + 1, len(titles)):
+            if titles[i][1].overlaps(titles[j][1]):
+                bad.append(f"title {titles[i][0][:30]!r} / {titles[j][0][:30]!r}")
+    return bad
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """name -> (caption, [axes titles], [overlapping tick-label pairs]) of every figure written."""
+    from mfld.app import plots
+
+    seen = {}
+    real = plots.save_figure
+
+    def spy(fig, path, **kw):
+        sup = fig._suptitle.get_text() if fig._suptitle is not None else ""
+        seen[path.name] = (sup, [ax.get_title() for ax in fig.axes], overlapping_tick_labels(fig))
+        return real(fig, path, **kw)
+
+    monkeypatch.setattr(plots, "save_figure", spy)
+    return seen
+
+
+def check_figures(figures, *parts):
+    """Every figure has a caption naming ``parts`` (lam, tau, N, eta, activation...) and no
+    overlapping tick labels."""
+    assert figures
+    for name, (sup, _, bad) in figures.items():
+        for part in parts:
+            assert part in sup, (name, part, sup)
+        assert not bad, (name, bad)
+
+
 def test_unknown_experiment_is_a_config_error(outdir):
     with pytest.raises(ConfigError, match="linear-convergence"):
         run_experiment("nope", outdir / "nope")
@@ -40,9 +103,24 @@ def test_unknown_experiment_is_a_config_error(outdir):
                                 "annealing", "minibatch"}
 
 
-def test_linear_convergence_quick(outdir):
+def test_linear_convergence_quick(outdir, figures):
     p = run_experiment("linear-convergence", outdir / "lc", quick=True)
     s = _common_files(p)
+    check_figures(figures, "tanh")
+    assert "N = 500" in figures["gap_vs_time.png"][0] and "η = 0.02" in figures["gap_vs_time.png"][0]
+    report = (p / "report.md").read_text()
+    # every fitted rate is quoted with its 95% interval, the particles' too
+    for r in _read(p / "rates.csv"):
+        if np.isfinite(float(r["particle_rate"])):
+            assert (f"{float(r['particle_rate']):.4g} [{float(r['particle_ci_low']):.3g}, "
+                    f"{float(r['particle_ci_high']):.3g}]") in report
+        assert f"{float(r['measured_rate']):.4g} [{float(r['ci_low']):.3g}, {float(r['ci_high']):.3g}]" in report
+    # particle records with F* - D <= 0 are counted in the report, not silently dropped
+    pc = _read(p / "gap_particles.csv")
+    for lam, tau in {(r["lam"], r["tau"]) for r in pc}:
+        sel = [float(r["dual_gap"]) for r in pc if (r["lam"], r["tau"]) == (lam, tau)]
+        n_np = sum(v <= 0 for v in sel)
+        assert f"({float(lam):g}, {float(tau):g}): {n_np} of {len(sel)}" in report
     rows = _read(p / "rates.csv")
     assert len(rows) == 2
     for r in rows:
@@ -63,9 +141,10 @@ def test_linear_convergence_quick(outdir):
     assert s["quick"] is True
 
 
-def test_discretisation_quick(outdir):
+def test_discretisation_quick(outdir, figures):
     p = run_experiment("discretisation", outdir / "disc", quick=True)
     s = _common_files(p)
+    check_figures(figures, "linear", "λ = 1", "τ = 0.2", "N = 16-256", "η = 0.05")
     f = s["fits"]
     # signs of the orders (the 0.25-accuracy check is the slow test below, on the full setting)
     assert f["N_dual_gap"]["slope"] < 0 and f["N_risk"]["slope"] < 0
@@ -82,9 +161,13 @@ def test_discretisation_full_slopes_within_quarter(tmp_path):
         assert abs(s["fits"][k]["slope"] - want) <= 0.25, (k, s["fits"][k])
 
 
-def test_global_optimality_quick(outdir):
+def test_global_optimality_quick(outdir, figures):
     p = run_experiment("global-optimality", outdir / "go", quick=True)
     s = _common_files(p)
+    check_figures(figures, "tanh", "λ = 0.2", "τ = 0.05", "N = 400", "η = 0.05")
+    report = (p / "report.md").read_text()
+    assert "{" not in report and "}" not in report  # no template placeholder left unformatted
+    assert f"F* = {s['F_star']:.8g} +- {s['F_star_err']:.2g}" in report
     fin = s["final"]
     assert len(fin["init"]) == 5
     # certified bracket around F* for every start
@@ -144,9 +227,10 @@ def test_symmetric_init_has_zero_output():
             assert float(jnp.max(jnp.abs(network.predict(pb, st.a, st.w)))) < 1e-14
 
 
-def test_mf_vs_ntk_quick(outdir):
+def test_mf_vs_ntk_quick(outdir, figures):
     p = run_experiment("mf-vs-ntk", outdir / "ntk", quick=True)
     s = _common_files(p)
+    check_figures(figures, "relu", "λ = 0.001", "τ = 0", "N = 32-512", "η = 0.05")  # and no tick overlap
     r = s["rows"]
     ntk = [i for i, sc in enumerate(r["scaling"]) if sc == "ntk"]
     mf = [i for i, sc in enumerate(r["scaling"]) if sc == "mean_field"]
@@ -164,9 +248,23 @@ def test_mf_vs_ntk_quick(outdir):
     assert np.isfinite(s["kernel_limit"]["kernel_flow_test_risk"][0])
 
 
-def test_annealing_quick(outdir):
+def test_annealing_quick(outdir, figures):
+    from mfld.experiments.annealing import _settings, window_means
+
     p = run_experiment("annealing", outdir / "ann", quick=True)
     s = _common_files(p)
+    check_figures(figures, "tanh", "λ = 0.01", "τ = 0.05", "N = 300", "η = 0.05")
+    # the F_0 panel's title says what the annealed curve does, from the data drawn: "still
+    # descending" only when its last window average is its lowest
+    title = figures["annealing.png"][1][0]
+    assert title == s["figure_title_F0"]
+    rows = _read(p / "annealing.csv")
+    ann = [(float(r["t"]), float(r["F0"])) for r in rows if r["run"].startswith("annealed")]
+    cfg = _settings(True)
+    edges = np.geomspace(cfg["every"] * 0.05, cfg["steps"] * 0.05 * (1 + 1e-9), cfg["windows"] + 1)
+    wm = window_means([t for t, _ in ann], [v for _, v in ann], edges)
+    descending = int(np.argmin(wm[:, 1])) == len(wm) - 1
+    assert ("still descending" in title) == descending and ("not descending" in title) == (not descending)
     fin = s["final"]
     assert len(fin["run"]) == 3 and all(np.isfinite(fin["final_F0"]))
     # the annealed run ends at the cold temperature c/log(T+e)
@@ -202,9 +300,10 @@ def test_variance_factor_is_the_without_replacement_variance():
         assert np.var(means) == pytest.approx(variance_factor(7, b) * np.var(v), rel=1e-12, abs=1e-15)
 
 
-def test_minibatch_quick(outdir):
+def test_minibatch_quick(outdir, figures):
     p = run_experiment("minibatch", outdir / "mb", quick=True)
     s = _common_files(p)
+    check_figures(figures, "tanh", "λ = 0.1", "τ = 0.01", "N = ", "η = 0.05")
     st = s["stationary"]
     assert st["method"] == ["full batch", "minibatch b=4", "SVRG b=4"]
     assert st["gradient_cost_epochs"] == [60.0, 60.0, 60.0]  # equal gradient cost

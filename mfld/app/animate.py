@@ -64,7 +64,53 @@ def rho_star_density(problem, a_lim, w_lim, n: int = 120):
     except (TheoryNotApplicable, RuntimeError):
         return None
     h, ae, we = np.histogram2d(a, w[:, 0], bins=n // 2, range=[a_lim, w_lim], density=True)
+    from scipy.ndimage import gaussian_filter
+
+    h = gaussian_filter(h, 1.0)  # a histogram of samples: smooth out the counting noise (one bin)
     return 0.5 * (ae[1:] + ae[:-1]), 0.5 * (we[1:] + we[:-1]), h
+
+
+def _drawn(n):
+    from mfld.app import style
+
+    return style.subsample(n)
+
+
+def draw_first_frame(snaps, problem, a_lim, w_lim):
+    """The figure of the GIF: rho*'s density (when defined) as filled contours *and* contour
+    lines drawn above the particles, and the particles as small translucent points, so that rho*
+    stays visible under the cloud. Returns (fig, ax, scatter, density_lines or None)."""
+    from mfld.app import style
+    from mfld.app.plots import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    lines = None
+    if problem is not None:
+        dens = rho_star_density(problem, a_lim, w_lim)
+        if dens is not None:
+            A, W, D = dens
+            D = np.asarray(D, dtype=float)
+            top = float(D.max())
+            if top > 0:
+                # levels at fixed fractions of the peak: the outermost contour encloses the bulk
+                # of rho* instead of tracing histogram noise in its tails
+                ax.contourf(W, A, D, levels=np.linspace(0.05, 1.0, 11) * top, cmap="Blues", alpha=0.55,
+                            zorder=1, extend="max")
+                lines = ax.contour(W, A, D, levels=np.array([0.1, 0.3, 0.5, 0.7, 0.9]) * top, colors="navy",
+                                   linewidths=1.1, zorder=4)
+            ax.plot([], [], "-", color="navy", label="density of rho* (contours)")
+    n = snaps[0][1].size
+    idx = _drawn(n)
+    a0, w0 = (snaps[0][1], snaps[0][2][:, 0]) if idx is None else (snaps[0][1][idx], snaps[0][2][idx, 0])
+    sc = ax.scatter(w0, a0, s=5, c="C3", alpha=min(0.45, style.point_alpha(a0.size)),
+                    linewidths=0, zorder=3, label="particles")
+    ax.set_xlim(w_lim)
+    ax.set_ylim(a_lim)
+    ax.set_xlabel("first-layer weight w_1")
+    ax.set_ylabel("output weight a")
+    ax.legend(loc="upper right", fontsize=8)
+    return fig, ax, sc, lines
 
 
 def animate(run_dir, out_gif=None, *, fps: int = 8, with_density: bool = True) -> Path:
@@ -90,24 +136,19 @@ def animate(run_dir, out_gif=None, *, fps: int = 8, with_density: bool = True) -
     all_w = np.concatenate([s[2][:, 0] for s in snaps])
     a_lim = tuple(np.quantile(all_a, [0.002, 0.998]) + np.array([-0.5, 0.5]))
     w_lim = tuple(np.quantile(all_w, [0.002, 0.998]) + np.array([-0.5, 0.5]))
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
-    if with_density and problem is not None:
-        dens = rho_star_density(problem, a_lim, w_lim)
-        if dens is not None:
-            A, W, D = dens
-            ax.contourf(W, A, D, levels=12, cmap="Blues", alpha=0.7)
-            ax.plot([], [], "s", color="C0", alpha=0.5, label="density of rho*")
-    sc = ax.scatter(snaps[0][2][:, 0], snaps[0][1], s=4, c="C3", alpha=0.6, label="particles")
-    ax.set_xlim(w_lim)
-    ax.set_ylim(a_lim)
-    ax.set_xlabel("first-layer weight w_1")
-    ax.set_ylabel("output weight a")
-    ax.legend(loc="upper right", fontsize=8)
+    fig, ax, sc, dens_artist = draw_first_frame(snaps, problem if with_density else None, a_lim, w_lim)
+    if problem is not None:
+        from mfld.app import style
+        from mfld.app.plots import run_setting
+
+        style.caption(fig, run_setting(problem, n_particles=snaps[0][1].size, eta=eta))
     title = ax.set_title("")
+    idx = _drawn(snaps[0][1].size)
 
     def frame(k):
         step, a, w = snaps[k]
-        sc.set_offsets(np.column_stack([w[:, 0], a]))
+        pa, pw = (a, w[:, 0]) if idx is None else (a[idx], w[idx, 0])
+        sc.set_offsets(np.column_stack([pw, pa]))
         title.set_text(f"step {step}" + (f", t = {step * eta:.3g}" if eta else "") + f"  (N = {a.size})")
         return sc, title
 

@@ -30,13 +30,32 @@ def _fit(t, y):
     return fit
 
 
-def plot_gap(metrics, out_path, F_star=None):
-    """Draw the certificate figure to ``out_path`` (PNG). Returns the fitted rate of the gap
-    (per unit time t = step * eta) or None if no straight part could be fitted.
+def rise_after_minimum(t, gap):
+    """(t_min, g_min, factor): where the gap is smallest and how many times larger its last
+    record is (1 when the gap ends at its minimum)."""
+    t = np.asarray(t, dtype=float)
+    gap = np.asarray(gap, dtype=float)
+    ok = np.isfinite(gap) & (gap > 0)
+    if not ok.any():
+        return None, None, 1.0
+    tt, gg = t[ok], gap[ok]
+    i = int(np.argmin(gg))
+    return float(tt[i]), float(gg[i]), float(gg[-1] / gg[i])
+
+
+def plot_gap(metrics, out_path, F_star=None, setting: str | None = None):
+    """Draw the certificate figure to ``out_path``. Returns the fitted rate of the gap (per unit
+    time t = step * eta) or None if no straight part could be fitted.
 
     Curves: the gap primal_upper - dual_lower (always >= F(rho_hat_u) - F* and >= F* - D(u));
     with ``F_star``: F(rho_hat_u) - F* (primal_upper - F*) and F* - dual_lower. Statistical
     (Monte Carlo) records are drawn with hollow markers and labelled so.
+
+    The fitted rate is computed from the records drawn, on the decreasing part only (never past
+    the gap's minimum), and its legend names that window; when the gap rises after its minimum
+    by more than a factor 2 (the particle floor's fluctuations, or a run that goes astray) the
+    legend says by how much, so the rate is never read as the behaviour of the whole run.
+    ``setting``: the caption (activation, lam, tau, N, eta).
     """
     from mfld.app.plots import pyplot, save_figure
 
@@ -57,12 +76,15 @@ def plot_gap(metrics, out_path, F_star=None):
                 mfc="none" if statistical else "C0",
                 label="gap: upper − lower bound on F*" + (" (Monte Carlo, ±2 SE)" if statistical else " (certified)"))
     rate = None
-    fit = _fit(t, gap) if pos.sum() >= 3 else None
+    t_min, g_min, rise = rise_after_minimum(t, gap)
+    # fit only up to the minimum: what comes after it is not the linear phase
+    upto = t <= t_min if t_min is not None else np.ones(t.size, bool)
+    fit = _fit(t[upto], gap[upto]) if (pos & upto).sum() >= 3 else None
     if fit is not None and fit.rate > 0 and fit.ci_low > 0:
         tt = np.linspace(fit.t_start, fit.t_end, 50)
         ax.semilogy(tt, np.exp(fit.intercept - fit.rate * tt), "--", color="k", lw=2.2, zorder=5,
-                    label=f"fit: gap ∝ exp(−{fit.rate:.3g} t)  (95% CI {fit.ci_low:.2g}–{fit.ci_high:.2g},"
-                          f" t∈[{fit.t_start:.3g}, {fit.t_end:.3g}])")
+                    label=f"fit on t∈[{fit.t_start:.3g}, {fit.t_end:.3g}]: gap ∝ exp(−{fit.rate:.3g} t)"
+                          f"  (95% CI {fit.ci_low:.2g}–{fit.ci_high:.2g})")
         rate = float(fit.rate)
     elif pos.sum() >= 2:
         # too few records on the straight part for a regression: the average rate from the
@@ -85,6 +107,15 @@ def plot_gap(metrics, out_path, F_star=None):
                     label="F(ρ̂ᵤ) − F*  (primal upper bound − F*)")
         ax.semilogy(t[m2], d_lo[m2], "^-", ms=3, color="C2", alpha=0.85,
                     label="F* − D(u)  (F* − dual lower bound)")
+    if fit is not None and rate is not None:
+        after = pos & (t > fit.t_end)
+        if after.any():
+            lo_a, hi_a = float(gap[after].min()), float(gap[after].max())
+            ax.axvspan(fit.t_end, float(t[after].max()), color="0.9", zorder=0,
+                       label=f"t > {fit.t_end:.3g}: not fitted; the gap stays between {lo_a:.2g} and {hi_a:.2g}")
+    if rise > 2.0:
+        ax.semilogy([t_min], [g_min], "v", color="C3", ms=7, zorder=6,
+                    label=f"minimum {g_min:.2g} at t = {t_min:.3g}; the last record is ×{rise:.3g} above it")
     ax.set_xlabel("time t = step × η")
     ax.set_ylabel("free-energy gap (units of F)")
     title = "Distance to the global optimum of F"
@@ -93,6 +124,10 @@ def plot_gap(metrics, out_path, F_star=None):
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
+    if setting:
+        from mfld.app import style
+
+        style.caption(fig, setting)
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path)

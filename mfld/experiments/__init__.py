@@ -32,9 +32,21 @@ def get_experiment(name: str):
     return importlib.import_module(EXPERIMENTS[name])
 
 
-def run_experiment(name: str, out_dir=None, quick: bool = False) -> Path:
-    """Run experiment ``name`` into ``out_dir`` (default ``experiments/<name>``); return the path."""
+def run_experiment(name: str, out_dir=None, quick: bool = False, *, progress: bool = True,
+                   figure_format: str | None = None) -> Path:
+    """Run experiment ``name`` into ``out_dir`` (default ``experiments/<name>``); return the path.
+
+    ``progress``: a progress bar per stage on stderr (silent anyway when stderr is not a
+    terminal). ``figure_format``: png (default), pdf or svg for the figures."""
+    from mfld.app import style
+    from mfld.experiments import _common
+
     mod = get_experiment(name)
     out = Path(out_dir) if out_dir is not None else Path("experiments") / name
-    mod.run(out, quick=quick)
+    prev = _common.set_progress(progress)
+    try:
+        with style.figure_format(figure_format):
+            mod.run(out, quick=quick)
+    finally:
+        _common.set_progress(prev)
     return out

@@ -76,7 +76,11 @@ def write_report(path, title: str, sections: list[tuple[str, str]]) -> Path:
 def finish(out: Path, name: str, title: str, sections: list[tuple[str, str]], *, quick: bool, wall: float,
            files: list[str], **results) -> dict:
     """Write ``report.md`` (the ``sections`` then a "Files" section) and ``summary.json``
-    ({name, quick, wall_s} plus ``results``); return the summary."""
+    ({name, quick, wall_s} plus ``results``); return the summary. Figure names in ``files``
+    take the suffix of the current figure format (:func:`mfld.app.style.figure_format`)."""
+    from mfld.app import style
+
+    files = [style.figure_name(f) if f.endswith(".png") else f for f in files]
     write_report(out / "report.md", title, [*sections, ("Files", ", ".join(files))])
     summary = {"name": name, "quick": quick, "wall_s": wall, **results}
     write_json(out / "summary.json", summary)
@@ -137,12 +141,74 @@ def pyplot():
     return _plots.pyplot()
 
 
+def caption(fig, **setting) -> str:
+    """Caption ``fig`` with the experiment's setting (:func:`mfld.app.style.setting`: activation,
+    loss, lam, tau, N, eta, ...); returns the text."""
+    from mfld.app import style
+
+    text = style.setting(**setting)
+    style.caption(fig, text)
+    return text
+
+
+# ---- progress ------------------------------------------------------------------------------
+
+_progress_on = True
+
+
+def set_progress(enabled: bool) -> bool:
+    """Turn the experiments' progress bars on or off; returns the previous setting."""
+    global _progress_on
+    prev, _progress_on = _progress_on, bool(enabled)
+    return prev
+
+
+def _is_tty() -> bool:
+    import sys
+
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def stages(iterable, desc: str, total: int | None = None):
+    """Iterate ``iterable`` with a tqdm progress bar on stderr named ``desc`` (one tick per
+    stage: a setting, a member, an initialisation). Silent when progress is off
+    (:func:`set_progress`, ``mfld experiment --quiet``) or stderr is not a terminal."""
+    from tqdm.auto import tqdm
+
+    items = list(iterable)
+    if not _progress_on or not _is_tty():
+        yield from items
+        return
+    bar = tqdm(items, desc=desc, total=total if total is not None else len(items), leave=False, unit="stage",
+               dynamic_ncols=True)
+    try:
+        for item in bar:
+            bar.set_postfix_str(str(item if not isinstance(item, tuple) else item[0])[:40])
+            yield item
+    finally:
+        bar.close()
+
+
 def no_minor_labels(ax):
     """Drop the minor tick labels of log axes (matplotlib writes 2x10^0, 3x10^0, ... which overlap)."""
     from matplotlib.ticker import NullFormatter
 
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def ticks_at(ax, values, axis: str = "x") -> None:
+    """Ticks of a log axis at the values actually run (widths, step sizes), in plain numbers, and
+    no minor labels: matplotlib's default minor labels (3x10^1, 4x10^1, ...) overlap."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    a.set_major_locator(FixedLocator([float(v) for v in values]))
+    a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    a.set_minor_locator(NullLocator())
 
 
 def savefig(fig, path) -> Path:

@@ -44,6 +44,20 @@ def window_means(t, v, edges):
     return np.asarray(out).reshape(-1, 2)
 
 
+def annealed_verdict(wm) -> str:
+    """What the annealed run's window-averaged F_0 (rows (centre, mean)) does, in words computed
+    from the numbers: still descending when its last window is its lowest, else where its
+    minimum was and where it ended."""
+    wm = np.asarray(wm, dtype=float).reshape(-1, 2)
+    if len(wm) < 2:
+        return "annealed: too few records to say"
+    i = int(np.argmin(wm[:, 1]))
+    if i == len(wm) - 1:
+        return f"annealed: still descending at the end\n(F_0 {wm[0, 1]:.3g} -> {wm[-1, 1]:.3g}, last window lowest)"
+    return (f"annealed: not descending at the end\n(lowest F_0 {wm[i, 1]:.3g} at t ~ {wm[i, 0]:.3g}, "
+            f"last window {wm[-1, 1]:.3g})")
+
+
 def run(out_dir, quick: bool = False) -> dict:
     out = C.out_path(out_dir)
     t_wall = time.perf_counter()
@@ -64,7 +78,7 @@ def run(out_dir, quick: bool = False) -> dict:
     edges = np.geomspace(every * eta, T_end * (1 + 1e-9), cfg["windows"] + 1)
     D = None
     with jax.enable_x64(True):
-        for name, (sched, tau) in runs.items():
+        for name, (sched, tau) in C.stages(runs.items(), "annealing"):
             pb = Problem.create(ds.x, ds.y, activation="tanh", lam=lam, tau=tau, bias=True)
             D = pb.p + 1
             st = dynamics.init_particles(pb, n_part, 0)
@@ -88,17 +102,23 @@ def run(out_dir, quick: bool = False) -> dict:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     names = np.asarray(curves["run"])
     tt = np.asarray(curves["t"])
+    verdict = ""
     for j, name in enumerate(runs):
         sel = names == name
         col = "k" if name.startswith("annealed") else f"C{j}"
         lw = 2.2 if name.startswith("annealed") else 1.4
         for ax, key in ((axes[0], "F0"), (axes[1], "risk")):
             wm = window_means(tt[sel], np.asarray(curves[key])[sel], edges)
+            if key == "F0" and name.startswith("annealed"):
+                verdict = annealed_verdict(wm)
             # F_0 spans less than a decade: linear y; the risk spans several: log y
             (ax.semilogx if key == "F0" else ax.loglog)(wm[:, 0], wm[:, 1], "-", color=col, lw=lw, label=name)
         axes[2].semilogx(tt[sel], np.asarray(curves["tau"])[sel], "-", color=col, lw=lw, label=name)
     axes[0].set_ylabel("F_0 = R + (lam/2) E|theta|^2  (entropy-free objective)")
-    axes[0].set_title("fixed tau: a tau-dependent plateau; annealed: keeps descending", fontsize=8.5)
+    plateaus = ", ".join(f"{v:.3g}" for r, v in zip(rows["run"], rows["final_F0"], strict=True)
+                         if not r.startswith("annealed"))
+    f0_title = f"fixed tau: plateaus F_0 = {plateaus}\n{verdict}"
+    axes[0].set_title(f0_title, fontsize=8)
     axes[1].set_ylabel("unregularised training risk R (1/2 mean squared error)")
     axes[1].set_title("risk (late: the lam = 1e-2 weight-decay bias dominates)", fontsize=8.5)
     axes[2].set_ylabel("temperature tau_t")
@@ -107,6 +127,8 @@ def run(out_dir, quick: bool = False) -> dict:
         ax.set_xlabel("time t = step x eta  (window averages, log scale)")
         ax.legend(fontsize=7)
         C.no_minor_labels(ax)
+    C.caption(fig, activation="tanh", loss="squared", lam=lam, tau=c, N=n_part, eta=eta, steps=steps,
+              extra=f"tau_t = {c:g}/log(t+e) for the annealed run")
     C.savefig(fig, out / "annealing.png")
     wall = time.perf_counter() - t_wall
     i_ann = len(rows["run"]) - 1
@@ -146,4 +168,4 @@ def run(out_dir, quick: bool = False) -> dict:
                     + "; ".join(ladder) + "."),
     ], quick=quick, wall=wall,
                     files=["annealing.png", "annealing.csv (every record)", "final.csv"],
-                    final=rows, z_annealed_vs_cold=z)
+                    final=rows, z_annealed_vs_cold=z, figure_title_F0=f0_title)

@@ -99,7 +99,7 @@ def run(out_dir, quick: bool = False) -> dict:
             return {"dual": _dual_closed(p, f), "risk": network.risk(p, f),
                     "quad": 0.5 * jnp.mean((f - f_inf) ** 2)}
 
-        for n_part in cfg["Ns"]:
+        for n_part in C.stages(cfg["Ns"], "discretisation: particles N"):
             gaps, rex, quad = [], [], []
             for seed in range(cfg["n_seeds"]):
                 st = _init(pb, n_part, 100 + seed)
@@ -133,7 +133,7 @@ def run(out_dir, quick: bool = False) -> dict:
     # ---- particle check of the recursion's fixed point ----
     c_rows = {k: [] for k in ("eta", "var_a_particles", "se", "var_a_recursion", "var_a_star", "z_score")}
     with jax.enable_x64(True):
-        for e in cfg["check_etas"]:
+        for e in C.stages(cfg["check_etas"], "discretisation: particle check"):
             burn, avg = cfg["check_steps"]
             st = _init(pb, cfg["check_N"], 7)
             every = max(1, avg // 40)
@@ -183,6 +183,10 @@ def run(out_dir, quick: bool = False) -> dict:
     axes[1].set_ylabel("stationary error, N = infinity (exact recursion)")
     axes[1].set_title("against eta (linear case, plain scheme)", fontsize=9)
     axes[1].legend(fontsize=7)
+    C.ticks_at(axes[0], cfg["Ns"])
+    C.ticks_at(axes[1], cfg["etas"])
+    C.caption(fig, activation="linear", loss="squared", lam=lam, tau=tau, eta=eta,
+              extra=f"N = {cfg['Ns'][0]}-{cfg['Ns'][-1]} (left), N = infinity recursion (right); d = 1 without bias")
     C.savefig(fig, out / "error_vs_N_and_eta.png")
     fits = {"N_dual_gap": fit_gap, "N_risk": fit_risk, "eta_variance": fit_var, "eta_free_energy": fit_F}
     expected = {"N_dual_gap": -1.0, "N_risk": -1.0, "eta_variance": 1.0, "eta_free_energy": 2.0}

@@ -59,7 +59,7 @@ def run(out_dir, quick: bool = False) -> dict:
         curves = {k: [] for k in ("init", "t", "dual_lower", "primal_upper", "risk")}
         finals = {}
         _, dyn_key = dynamics.dynamics_keys(0)
-        for name, (a0, w0) in _inits(pb, n_part, 0).items():
+        for name, (a0, w0) in C.stages(_inits(pb, n_part, 0).items(), "global-optimality"):
             st = dynamics.ParticleState(jnp.asarray(a0), jnp.asarray(w0), jnp.asarray(0, jnp.int32), dyn_key)
             tr = {"t": [], "dual_lower": [], "primal_upper": [], "risk": []}
             cb = C.certify_callback(tr, pb, keep=lambda row: not (row["step"] > every and row["step"] % every))
@@ -98,6 +98,8 @@ def run(out_dir, quick: bool = False) -> dict:
     axes[1].set_xlabel("input x")
     axes[1].set_ylabel("network output f(x)")
     axes[1].legend(fontsize=6.5)
+    C.caption(fig, activation="tanh", loss="squared", lam=float(pb.lam), tau=float(pb.tau), N=n_part, eta=eta,
+              steps=steps)
     C.savefig(fig, out / "global_optimality.png")
     wall = time.perf_counter() - t_wall
     spread = float(np.max(rows["dual_lower_final"]) - np.min(rows["dual_lower_final"]))
@@ -113,7 +115,7 @@ def run(out_dir, quick: bool = False) -> dict:
                     f"N = {n_part} particles, eta = {eta}, {steps} steps; certificates every {early} steps up "
                     f"to step {every}, then every {every} steps (quadrature, certified). All five starts use "
                     "the same Brownian noise (a synchronous coupling), so their fluctuations at the floor move "
-                    "together. Optimum solver: F* = {opt.F_star:.8g} +- {opt.F_star_err:.2g} "
+                    f"together. Optimum solver: F* = {opt.F_star:.8g} +- {opt.F_star_err:.2g} "
                     f"({opt.method}). {'Quick' if quick else 'Full'} setting; wall time {wall:.0f} s."),
         ("Final state per initialisation", "F* - D is averaged over the last quarter of the records (sd over "
          "those records); D <= F* <= primal bound always holds, the point is that F* - D is small for every "

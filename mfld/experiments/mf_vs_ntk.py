@@ -134,11 +134,13 @@ def run(out_dir, quick: bool = False) -> dict:
                           "kernel_regression_train_risk", "kernel_regression_test_risk")}
     ds = data.teacher_student(n=32, d=1, teacher_width=3, noise=0.05, n_test=256, activation="tanh", seed=5)
     y, y_test = np.asarray(ds.y, np.float64), np.asarray(ds.y_test, np.float64)
+    bar = C.stages([(a, sc) for a in acts for sc in ("mean_field", "ntk")], "mf-vs-ntk")
     with jax.enable_x64(True):
         for act in acts:
             pb = None
             flow = None
             for scaling in ("mean_field", "ntk"):
+                next(bar, None)
                 pb = Problem.create(ds.x, ds.y, activation=act, lam=1e-3, tau=0.0, bias=True, scaling=scaling,
                                     x_test=ds.x_test, y_test=ds.y_test)
                 if flow is None:
@@ -169,6 +171,7 @@ def run(out_dir, quick: bool = False) -> dict:
                                  ("train_risk", np.mean(acc["train_risk"])), ("test_risk", np.mean(acc["test_risk"])),
                                  ("dist_to_kernel_flow", float(np.sqrt(np.mean(acc["sq_to_flow"]))))):
                         rows[k].append(v)
+    bar.close()
     fits = {}
     for act in acts:
         for scaling in ("mean_field", "ntk"):
@@ -201,14 +204,17 @@ def run(out_dir, quick: bool = False) -> dict:
     axes[1].set_ylabel("||K_T - K_0||_F / ||K_0||_F (training inputs)")
     axes[2].set_ylabel("RMS over test x of f_T(x) - f_T^NTK-flow(x)")
     axes[3].set_ylabel("test risk (1/2 mean squared error)")
-    axes[0].set_title("distance travelled by the neurons: NTK lazy (slope -1/2), mean field O(1)", fontsize=8)
-    axes[1].set_title("NTK: the kernel freezes (O(1/N) here: symmetric init); mean field: it learns",
+    axes[0].set_title("distance travelled by the neurons:\nNTK lazy (slope -1/2), mean field O(1)", fontsize=8)
+    axes[1].set_title("NTK: the kernel freezes (O(1/N) here: symmetric init);\nmean field: it learns",
                       fontsize=8)
     axes[2].set_title("NTK: converges to kernel gradient flow", fontsize=9)
     axes[3].set_title(f"test risk after T = {T:g} (tau = 0, lam = 1e-3)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("width N (number of neurons)")
         ax.legend(fontsize=6)
+        C.ticks_at(ax, Ns)
+    C.caption(fig, activation="/".join(acts), loss="squared", lam=1e-3, tau=0.0, N=f"{Ns[0]}-{Ns[-1]}", eta=eta,
+              steps=steps, extra="mean-field and NTK scaling, symmetric init")
     C.savefig(fig, out / "mf_vs_ntk.png")
     wall = time.perf_counter() - t_wall
     ftab = {"quantity": list(fits), "slope_in_N": [fits[k]["slope"] for k in fits],
