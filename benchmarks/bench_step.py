@@ -85,16 +85,17 @@ def data(n, d, N, dtype="float32", seed=0):
     return x, y, a, w
 
 
-def make_mfld(x, y, a, w, dtype="float32"):
+def make_mfld(x, y, a, w, dtype="float32", tau=TAU):
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
-    if dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
+    if dtype == "float64" and jnp.asarray(0.0, jnp.float64).dtype != jnp.float64:
+        jax.config.update("jax_enable_x64", True)  # a fresh benchmark process (the CLI's --x64)
     from mfld import dynamics
     from mfld.problem import Problem
 
-    problem = Problem.create(x, y, activation="tanh", lam=LAM, tau=TAU, bias=True, dtype=jnp.dtype(dtype))
+    problem = Problem.create(x, y, activation="tanh", lam=LAM, tau=tau, bias=True, dtype=jnp.dtype(dtype))
     state = dynamics.ParticleState(jnp.asarray(a), jnp.asarray(w), jnp.asarray(0, jnp.int32),
                                    dynamics.dynamics_keys(0)[1])
     stepper = dynamics.Langevin(ETA)
@@ -106,10 +107,11 @@ def make_mfld(x, y, a, w, dtype="float32"):
         holder["first"] = False
         holder["s"].w.block_until_ready()
 
+    run.state = lambda: (np.asarray(holder["s"].a), np.asarray(holder["s"].w))
     return run
 
 
-def make_numpy(x, y, a, w, dtype="float32"):
+def make_numpy(x, y, a, w, dtype="float32", tau=TAU):
     """The step a careful researcher writes by hand: in-place tanh, BLAS GEMMs."""
     import numpy as np
 
@@ -120,7 +122,7 @@ def make_numpy(x, y, a, w, dtype="float32"):
     rng = np.random.default_rng(0)
     n = xf.shape[0]
     N = a.shape[0]
-    sd = dt.type(np.sqrt(2 * ETA * TAU))
+    sd = dt.type(np.sqrt(2 * ETA * tau))
     eta, lam = dt.type(ETA), dt.type(LAM)
 
     def one():
@@ -143,10 +145,11 @@ def make_numpy(x, y, a, w, dtype="float32"):
         for _ in range(k):
             one()
 
+    run.state = lambda: (st["a"], st["w"])
     return run
 
 
-def make_torch_naive(x, y, a, w, dtype="float32"):
+def make_torch_naive(x, y, a, w, dtype="float32", tau=TAU):
     """A naive PyTorch loop: nn.Module, autograd on the finite loss, manual noisy update."""
     import numpy as np
     import torch
@@ -167,7 +170,7 @@ def make_torch_naive(x, y, a, w, dtype="float32"):
 
     net = Net()
     gen = torch.Generator().manual_seed(0)
-    sd = float(np.sqrt(2 * ETA * TAU))
+    sd = float(np.sqrt(2 * ETA * tau))
 
     def run(k):
         for _ in range(k):
@@ -180,10 +183,11 @@ def make_torch_naive(x, y, a, w, dtype="float32"):
                     p -= ETA * N * p.grad
                     p += sd * torch.randn(p.shape, generator=gen, dtype=tdt)
 
+    run.state = lambda: (net.a.detach().numpy(), net.w.detach().numpy())
     return run
 
 
-def make_torch_analytic(x, y, a, w, dtype="float32"):
+def make_torch_analytic(x, y, a, w, dtype="float32", tau=TAU):
     """The analytic drift in torch: one (N, n) buffer, addmm / in-place tanh_ / mv, no autograd."""
     import numpy as np
     import torch
@@ -195,7 +199,7 @@ def make_torch_analytic(x, y, a, w, dtype="float32"):
     N, n = at.shape[0], xt.shape[0]
     s = torch.empty((N, n), dtype=tdt)
     gen = torch.Generator().manual_seed(0)
-    sd = float(np.sqrt(2 * ETA * TAU))
+    sd = float(np.sqrt(2 * ETA * tau))
 
     def run(k):
         with torch.no_grad():
@@ -210,6 +214,7 @@ def make_torch_analytic(x, y, a, w, dtype="float32"):
                 wt.sub_(ETA * (gw + LAM * wt)).add_(sd * xi[:, 1:])
                 at.sub_(ETA * (g + LAM * at)).add_(sd * xi[:, 0])
 
+    run.state = lambda: (at.numpy(), wt.numpy())
     return run
 
 
