@@ -264,13 +264,15 @@ def child_contender(spec):
 
 
 def _best_time(fn, reps):
+    """(best wall time, best process CPU time) of ``fn()`` over ``reps`` calls after a warm-up."""
     fn()
-    ts = []
+    walls, cpus = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return min(walls), min(cpus)
 
 
 def _activation_rate(size, iters=400, reps=5):
@@ -290,8 +292,10 @@ def _activation_rate(size, iters=400, reps=5):
     pair_loop = jax.jit(lambda v: jax.lax.fori_loop(0, iters, both, v))
     out = {}
     for key, f in (("tanh_per_s", tanh_loop), ("tanh_and_derivative_evals_per_s", pair_loop)):
-        dt = _best_time(lambda f=f: f(z).block_until_ready(), reps)
-        out[key] = (2 if key.startswith("tanh_and") else 1) * iters * size / dt
+        wall, cpu = _best_time(lambda f=f: f(z).block_until_ready(), reps)
+        evals = (2 if key.startswith("tanh_and") else 1) * iters * size
+        out[key] = evals / wall
+        out[key.replace("_per_s", "_per_cpu_s")] = evals / cpu
     return out
 
 
@@ -314,10 +318,11 @@ def child_ceiling(spec):
         mj = jnp.asarray(m)
         mm = jax.jit(lambda v: v @ v)
         flops = 2 * size ** 3
-        rates = {"numpy": flops / _best_time(lambda m=m: m @ m, 4),
-                 "xla": flops / _best_time(lambda mm=mm, mj=mj: mm(mj).block_until_ready(), 4)}
-        out[f"gemm_{dtype}_flops"] = max(rates.values())
-        out[f"gemm_{dtype}_parts"] = rates
+        times = {"numpy": _best_time(lambda m=m: m @ m, 4),
+                 "xla": _best_time(lambda mm=mm, mj=mj: mm(mj).block_until_ready(), 4)}
+        out[f"gemm_{dtype}_flops"] = max(flops / t[0] for t in times.values())
+        out[f"gemm_{dtype}_flops_per_cpu_s"] = max(flops / t[1] for t in times.values())
+        out[f"gemm_{dtype}_parts"] = {k: flops / t[0] for k, t in times.items()}
     n_threads = threads or len(os.sched_getaffinity(0))
     out.update({k + "_all_threads": v for k, v in _activation_rate((1 << 15) * n_threads).items()})
     return out
@@ -406,6 +411,7 @@ def measure_ceilings(args, rounds):
 def bench_row(args, row, contenders, dtype="float32"):
     n, d, N = row
     times = {c: [] for c in contenders}
+    cpu_times = {c: [] for c in contenders}
     extra = {}
     with LoadMeter() as meter:
         for r in range(args.rounds):
@@ -420,13 +426,18 @@ def bench_row(args, row, contenders, dtype="float32"):
                     print(f"    {c}: FAILED ({str(e).splitlines()[-1][:200]})", flush=True)
                     continue
                 times[c].append(out["s_per_step"])
+                cpu_times[c].append(out["cpu_s_per_step"])
                 extra.setdefault(c, []).append({k: v for k, v in out.items() if k != "calls"})
     load = meter.result
-    sps = {c: {"median": 1 / statistics.median(t), "min": 1 / max(t), "max": 1 / min(t), "rounds": len(t)}
-           for c, t in times.items() if t}
     published = load["foreign_load"] <= args.max_load and load["load_avg_before"] <= args.max_load
-    return {"n": n, "d": d, "N": N, "dtype": dtype, "steps_per_s": sps, "seconds": times, "load": load,
-            "publishable": published, "children": extra}
+    return {"n": n, "d": d, "N": N, "dtype": dtype, "steps_per_s": _rates(times),
+            "steps_per_cpu_s": _rates(cpu_times), "seconds": times, "cpu_seconds": cpu_times,
+            "load": load, "publishable": published, "children": extra}
+
+
+def _rates(times):
+    return {c: {"median": 1 / statistics.median(t), "min": 1 / max(t), "max": 1 / min(t), "rounds": len(t)}
+            for c, t in times.items() if t}
 
 
 def ratio(sps, a, b):
@@ -476,7 +487,9 @@ def main_parent(args):
           f"tanh {ceil['tanh_per_s'] / 1e9:.2f} G/s per core (with 1-t^2: "
           f"{ceil['tanh_and_derivative_evals_per_s'] / 1e9:.2f} G evaluations/s), "
           f"XLA loop on {threads} threads {ceil['tanh_per_s_all_threads'] / 1e9:.2f} G/s; "
-          f"activation ceiling used: {act / 1e9:.2f} G/s", flush=True)
+          f"activation ceiling used: {act / 1e9:.2f} G/s; per CPU-second: fp32 GEMM "
+          f"{ceil['gemm_float32_flops_per_cpu_s'] / 1e9:.0f} GFLOP, tanh {ceil['tanh_per_cpu_s'] / 1e9:.2f} G",
+          flush=True)
     results = {"machine": info, "threads": threads, "ceilings": ceil, "activation_ceiling": act,
                "args": vars(args), "fp32": [], "fp64": []}
     if not args.no_fp32:
@@ -494,6 +507,12 @@ def main_parent(args):
             r["gemm_share"] = None if m is None else 4 * n * d * N * m["median"] / ceil["gemm_float32_flops"]
             r["activation_share"] = None if m is None else 2 * n * N * m["median"] / act
             r["ratios"] = {c: ratio(sps, "mfld", c) for c in contenders if c != "mfld"}
+            cps = r["steps_per_cpu_s"]
+            mc = cps.get("mfld")
+            r["ratios_cpu"] = {c: ratio(cps, "mfld", c) for c in contenders if c != "mfld"}
+            gemm_cpu = ceil["gemm_float32_flops_per_cpu_s"]
+            r["gemm_share_cpu"] = None if mc is None else 4 * n * d * N * mc["median"] / gemm_cpu
+            r["activation_share_cpu"] = None if mc is None else 2 * n * N * mc["median"] / ceil["tanh_per_cpu_s"]
             results["fp32"].append(r)
             ld = r["load"]
             mtxt = "-" if m is None else f"{m['median']:.1f} ({m['min']:.1f}-{m['max']:.1f})"
@@ -506,6 +525,13 @@ def main_parent(args):
                   f"{gemm_txt:>6} | {act_txt:>5} | "
                   f"avg {ld['load_avg_before']:.1f}->{ld['load_avg_after']:.1f} foreign {ld['foreign_load']:.2f}"
                   f"{'' if r['publishable'] else ' LOADED'}", flush=True)
+            if threads == 1 and mc is not None:  # CPU time: robust to other processes on one core
+                print(f"{'(CPU time)':>17} | {mc['median']:>24.1f} | "
+                      f"{fmt_ratio(r['ratios_cpu'].get('numpy')):>17} | "
+                      f"{fmt_ratio(r['ratios_cpu'].get('torch_naive')):>17} | "
+                      f"{fmt_ratio(r['ratios_cpu'].get('torch_analytic')):>17} | "
+                      f"{fmt_ratio(r['ratios_cpu'].get('mfld_unfused')):>17} | "
+                      f"{100 * r['gemm_share_cpu']:>6.0f} | {100 * r['activation_share_cpu']:>5.0f} |", flush=True)
     if not args.no_fp64:
         grid = FP64_GRID if not args.fp64_only else [(1024, 10, int(v)) for v in args.fp64_only.split(",")]
         hdr = f"{'N':>7} | {'mfld64 steps/s (min-max)':>26} | {'numpy64 steps/s':>24} | {'x numpy64':>17} | load"
@@ -514,13 +540,15 @@ def main_parent(args):
             r = bench_row(args, row, FP64_CONTENDERS, "float64")
             sps = r["steps_per_s"]
             r["ratios"] = {"numpy64": ratio(sps, "mfld64", "numpy64")}
+            r["ratios_cpu"] = {"numpy64": ratio(r["steps_per_cpu_s"], "mfld64", "numpy64")}
             results["fp64"].append(r)
             ld = r["load"]
             cols = ["-" if c not in sps else f"{sps[c]['median']:.1f} ({sps[c]['min']:.1f}-{sps[c]['max']:.1f})"
                     for c in FP64_CONTENDERS]
             print(f"{row[2]:>7} | {cols[0]:>26} | {cols[1]:>24} | {fmt_ratio(r['ratios']['numpy64']):>17} | "
                   f"avg {ld['load_avg_before']:.1f}->{ld['load_avg_after']:.1f} foreign {ld['foreign_load']:.2f}"
-                  f"{'' if r['publishable'] else ' LOADED'}", flush=True)
+                  f"{'' if r['publishable'] else ' LOADED'}"
+                  + (f"; CPU time x {fmt_ratio(r['ratios_cpu']['numpy64'])}" if threads == 1 else ""), flush=True)
     results["wall_s"] = time.perf_counter() - t_start
     print(f"\nwall time {results['wall_s']:.0f} s; rows marked LOADED ran with foreign load or load "
           f"average above {args.max_load} and are not publishable", flush=True)

@@ -57,7 +57,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--N", type=float, default=1e7)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--every", type=int, default=10, help="record.every (= certify_every)")
+    ap.add_argument("--every", type=int, default=10, help="record.every")
+    ap.add_argument("--certify-every", type=int, default=None,
+                    help="record.certify_every (default: = --every; 0: no certificates)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--keep", default=None, help="run directory to keep (default: a temporary one)")
     ap.add_argument("--json", default=None)
@@ -69,8 +71,8 @@ def main():
     out_dir = args.keep or os.path.join(tmp, "run")
     cfg = {"name": "memory", "model": {"n_particles": N},
            "dynamics": {"steps": args.steps},
-           "record": {"every": args.every, "certify_every": args.every, "checkpoint_every": 0,
-                      "progress": False}}
+           "record": {"every": args.every, "checkpoint_every": 0, "progress": False,
+                      "certify_every": args.every if args.certify_every is None else args.certify_every}}
     cfg_path = os.path.join(tmp, "config.yaml")
     with open(cfg_path, "w") as f:
         yaml.safe_dump(cfg, f)
@@ -80,7 +82,10 @@ def main():
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     samples, fig_t = [], None
-    while proc.poll() is None:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
         r = rss_mb(proc.pid)
         t = time.perf_counter() - t0
         if r is not None:
@@ -88,12 +93,13 @@ def main():
         if fig_t is None and os.path.isdir(os.path.join(out_dir, "figures")):
             fig_t = t
         time.sleep(0.2)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     log = proc.stdout.read()
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         print(log[-3000:])
         sys.exit(f"mfld run failed with exit code {proc.returncode}")
-    peak = max(r for _, r in samples)
+    peak = max(usage.ru_maxrss / 1e3, max(r for _, r in samples))  # the kernel's high-water mark
     peak_before_fig = max((r for t, r in samples if fig_t is None or t < fig_t), default=None)
     with open(os.path.join(out_dir, "summary.json")) as f:
         summary = json.load(f)
@@ -105,7 +111,8 @@ def main():
     formula = (5 * N * D * s + n * p * s + 3 * plan.particles * plan.data * s) / 1e6
     base = baseline_mb()
     res = {"N": N, "n": n, "d": d, "steps": args.steps, "wall_s": wall, "figures_started_s": fig_t,
-           "peak_rss_MB": peak, "peak_rss_before_figures_MB": peak_before_fig, "baseline_rss_MB": base,
+           "peak_rss_MB": peak, "certify_every": cfg["record"]["certify_every"],
+           "peak_rss_before_figures_MB": peak_before_fig, "baseline_rss_MB": base,
            "formula_MB": formula, "plan": list(plan), "run_time_s": summary.get("run_time_s"),
            "peak_over_formula": peak / formula,
            "peak_over_formula_plus_baseline": None if base is None else peak / (formula + base),
