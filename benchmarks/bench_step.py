@@ -346,6 +346,8 @@ def parse():
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--memory-check", action="store_true", help="only: peak RSS of one big step")
+    ap.add_argument("--report", default=None, metavar="JSON",
+                    help="only: print the markdown tables of a results file written by --json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap.parse_args()
 
@@ -580,8 +582,60 @@ def memory_check():
     print(out.stdout.strip() or out.stderr[-2000:])
 
 
+def _md_ratio(r):
+    return "-" if r is None else f"{r[0]:.2f} ({r[1]:.2f}-{r[2]:.2f})"
+
+
+def report(path):
+    """Markdown tables of a results file (the wall-time table; with one thread also CPU time)."""
+    with open(path) as f:
+        res = json.load(f)
+    c = res["ceilings"]
+    T = res["threads"]
+    print(f"Ceilings ({T} thread(s), median of the rounds): fp32 GEMM {c['gemm_float32_flops'] / 1e9:.0f} "
+          f"GFLOP/s, fp64 GEMM {c['gemm_float64_flops'] / 1e9:.0f} GFLOP/s, tanh {c['tanh_per_s'] / 1e9:.2f} "
+          f"G/s per core; per CPU-second: fp32 GEMM {c['gemm_float32_flops_per_cpu_s'] / 1e9:.0f} GFLOP, "
+          f"tanh {c['tanh_per_cpu_s'] / 1e9:.2f} G.\n")
+    kinds = [("wall", "steps_per_s", "ratios", "gemm_share", "activation_share")]
+    if T == 1:
+        kinds.append(("CPU time", "steps_per_cpu_s", "ratios_cpu", "gemm_share_cpu", "activation_share_cpu"))
+    for label, rate, rat, gs, acts in kinds:
+        print(f"fp32, {T} thread(s), {label}: median over rounds (min-max)\n")
+        unit = "s" if label == "wall" else "CPU-s"
+        print(f"| n, d, N | mfld steps/{unit} | x NumPy | x naive torch | x analytic torch | x unfused | GEMM share "
+              "| activation share | foreign load | publishable |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in res["fp32"]:
+            m = r[rate].get("mfld")
+            mt = "-" if m is None else f"{m['median']:.3g} ({m['min']:.3g}-{m['max']:.3g})"
+            share = "-" if r.get(gs) is None else f"{100 * r[gs]:.0f} %"
+            act = "-" if r.get(acts) is None else f"{100 * r[acts]:.0f} %"
+            print(f"| {r['n']}, {r['d']}, {r['N']} | {mt} | {_md_ratio(r[rat].get('numpy'))} | "
+                  f"{_md_ratio(r[rat].get('torch_naive'))} | {_md_ratio(r[rat].get('torch_analytic'))} | "
+                  f"{_md_ratio(r[rat].get('mfld_unfused'))} | {share} | {act} | {r['load']['foreign_load']:.2f} | "
+                  f"{'yes' if r['publishable'] else 'no (LOADED)'} |")
+        print()
+    if res["fp64"]:
+        for label, rate, rat, _, _ in kinds:
+            print(f"fp64 (n = 1024, d = 10), {T} thread(s), {label}\n")
+            unit = "s" if label == "wall" else "CPU-s"
+            print(f"| N | mfld64 steps/{unit} | NumPy64 steps/{unit} | x NumPy64 | foreign load | publishable |")
+            print("|---|---|---|---|---|---|")
+            for r in res["fp64"]:
+                cols = []
+                for c in FP64_CONTENDERS:
+                    v = r[rate].get(c)
+                    cols.append("-" if v is None else f"{v['median']:.3g} ({v['min']:.3g}-{v['max']:.3g})")
+                print(f"| {r['N']} | {cols[0]} | {cols[1]} | {_md_ratio(r[rat].get('numpy64'))} | "
+                      f"{r['load']['foreign_load']:.2f} | {'yes' if r['publishable'] else 'no (LOADED)'} |")
+            print()
+
+
 def main():
     args = parse()
+    if args.report:
+        report(args.report)
+        return
     if args.child:
         spec = json.loads(args.child)
         fn = child_contender if spec["kind"] == "contender" else child_ceiling
