@@ -9,7 +9,8 @@ marks the start of plotting). Reported: the peak RSS of the whole run, the peak 
 figures, the RSS of the same process after importing JAX and compiling nothing (the
 baseline of any run), and the formula.
 
-    python benchmarks/memory_run.py                 # N = 1e7, teacher-student defaults (n = 64, d = 1)
+    python benchmarks/memory_run.py                 # N = 1e7, teacher-student defaults (n = 64, d = 1), no certificates
+    python benchmarks/memory_run.py --certify-every 10   # with the certificates (11 GB, > 35 min at N = 1e7)
     python benchmarks/memory_run.py --N 3e7 --steps 20 --keep /tmp/big
 """
 
@@ -58,8 +59,9 @@ def main():
     ap.add_argument("--N", type=float, default=1e7)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--every", type=int, default=10, help="record.every")
-    ap.add_argument("--certify-every", type=int, default=None,
-                    help="record.certify_every (default: = --every; 0: no certificates)")
+    ap.add_argument("--certify-every", type=int, default=0,
+                    help="record.certify_every (default 0: no certificates; at N = 1e7 they took 11 GB and "
+                         "over 35 min for the first record on 2026-12-01, see docs/performance.md)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--keep", default=None, help="run directory to keep (default: a temporary one)")
     ap.add_argument("--json", default=None)
@@ -72,7 +74,7 @@ def main():
     cfg = {"name": "memory", "model": {"n_particles": N},
            "dynamics": {"steps": args.steps},
            "record": {"every": args.every, "checkpoint_every": 0, "progress": False,
-                      "certify_every": args.every if args.certify_every is None else args.certify_every}}
+                      "certify_every": args.certify_every}}
     cfg_path = os.path.join(tmp, "config.yaml")
     with open(cfg_path, "w") as f:
         yaml.safe_dump(cfg, f)
