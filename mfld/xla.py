@@ -5,10 +5,11 @@ and the elementwise work around it (the activation after the forward GEMM, ``sig
 before the backward GEMM, the accumulation after it) runs as separate XLA loops, each a
 full pass over a (particles x data-block) array in memory. With
 ``xla_cpu_experimental_ynn_fusion_type = LIBRARY_FUSION_TYPE_DOT`` YNNPACK fuses those
-elementwise producers and consumers into the dot and works tile by tile in cache. On the
-2-core AVX-512 machine the step at (n, d, N) = (4096, 100, 16384) ran 1.28x faster (174
-against 223 ms), at (1024, 50, 4096) 1.11x, at (256, 10, 1024) 1.0-1.15x
-(``benchmarks/bench_step.py``, column ``x unfused``; docs/performance.md).
+elementwise producers and consumers into the dot and works tile by tile in cache. On a
+2-core Intel AVX-512 machine (session 2, all contenders in one process) the step at
+(n, d, N) = (4096, 100, 16384) ran 1.28x faster (174 against 223 ms), at (1024, 50, 4096)
+1.11x, at (256, 10, 1024) 1.0-1.15x. ``benchmarks/bench_step.py`` measures it in every run
+(column ``x unfused``, fresh processes; benchmarks/README.md for the current machine).
 ``LIBRARY_FUSION_TYPE_ELTWISE`` (all elementwise ops to YNNPACK) was not used: it splits the
 noise draw's ``erf_inv`` into many passes (4x slower) and changes its bits.
 
