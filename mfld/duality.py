@@ -209,10 +209,15 @@ def _spec(problem, plus_fraction: float = 0.5, need_tau: bool = True) -> _Spec:
 
 
 def _network_output(spec: _Spec, a, w):
-    """f_rho(x_j) of the empirical measure, mean-field scaling (float64)."""
-    s = spec.sigma(w @ spec.x.T)
+    """f_rho(x_j) of the empirical measure, mean-field scaling (float64), in blocks of
+    particles so that no (N, n) array exceeds :data:`_CHUNK` elements."""
     a_eff = spec.r_out * np.tanh(a) if spec.output == "bounded" else a
-    return (a_eff @ s) / a.shape[0]
+    step = max(1, _CHUNK // max(spec.n, 1))
+    f = np.zeros(spec.n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i in range(0, a.shape[0], step):
+            f += a_eff[i:i + step] @ spec.sigma(w[i:i + step] @ spec.x.T)
+    return f / a.shape[0]
 
 
 def residual_weights(problem, a, w) -> np.ndarray:
