@@ -156,7 +156,7 @@ def run(out_dir, quick: bool = False) -> dict:
     out = C.out_path(out_dir)
     t0 = time.perf_counter()
     seeds = 200
-    rows = [coverage(c, seeds=seeds) for c in cases(quick)]
+    rows = [coverage(c, seeds=seeds) for c in C.stages(cases(quick), "coverage cases")]
     cols = {k: [r[k] for r in rows] for k in rows[0]}
     C.write_csv(out / "coverage.csv", cols)
     _figure(out, rows)
