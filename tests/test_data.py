@@ -186,7 +186,7 @@ def test_csv_named_columns(tmp_path):
 @pytest.mark.parametrize("content,kwargs,field,fragment", [
     ("a,y\n1,2\n", dict(y_column="target"), "data.params.y_column", "a, y"),
     ("a,y\n1,2\n", dict(x_columns=["a", "b"]), "data.params.x_columns", "'b'"),
-    ("a,y\n1,x2\n", {}, "data.params.path", "non-numeric value 'x2' in column 'y', line 2"),
+    ("a,y\n1,x2\n", {}, "data.params.path", "line 2: non-numeric value 'x2' in column 'y'"),
     ("a,y\n1,nan\n", {}, "data.params.path", "NaN/inf"),
     ("a,y\n1,inf\n", {}, "data.params.path", "NaN/inf"),
     ("", {}, "data.params.path", "empty"),
@@ -215,7 +215,7 @@ def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="y in .* 1 NaN/inf"):
         data.load_file(str(tmp_path / "b.npz"))
     np.savez(tmp_path / "c.npz", x=np.array(["a", "b"]), y=np.ones(2))
-    with pytest.raises(ConfigError, match="not numeric"):
+    with pytest.raises(ConfigError, match="holds text values"):
         data.load_file(str(tmp_path / "c.npz"))
     np.savez(tmp_path / "e.npz", x=np.ones((0, 2)), y=np.ones(0))
     with pytest.raises(ConfigError, match="empty"):

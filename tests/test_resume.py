@@ -313,26 +313,29 @@ def test_an_unexpected_error_leaves_a_consistent_directory(tmp_path, monkeypatch
 
 
 def test_resume_takes_the_lock_before_reading_the_run(tmp_path, capsys, monkeypatch):
-    """A resume reads env.json, the checkpoint and metrics.csv only under the run lock: with
-    the lock held elsewhere it is refused before any of them is read."""
+    """A resume reads the checkpoint, metrics.csv and optimum.json only under the run lock, and
+    checks env.json (integrity, data hash) again there: with the lock held elsewhere it is
+    refused before any of them is read. (config.yaml, env.json and the data are checked once
+    before, without JAX, for a fast answer.)"""
     from mfld.app import runner
 
     run_dir = tmp_path / "r"
     main(["run", *BASE, "--set", "dynamics.steps=20", "--out", str(run_dir)])
     capsys.readouterr()
     reads = []
-    for name in ("_read_json", "_restore"):
+    for name in ("_read_resume", "_restore", "_read_optimum"):
         orig = getattr(runner, name)
         monkeypatch.setattr(runner, name, lambda *a, _n=name, _o=orig, **k: (reads.append(_n), _o(*a, **k))[1])
-    orig_metrics = rundir.read_metrics
-    monkeypatch.setattr(rundir, "read_metrics", lambda *a, **k: (reads.append("metrics"), orig_metrics(*a, **k))[1])
+    for mod, name in ((rundir, "read_metrics"), (rundir, "load_checkpoint")):
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _n=name, _o=orig, **k: (reads.append(_n), _o(*a, **k))[1])
     with RunLock(run_dir):  # held by a live process
         with pytest.raises(SystemExit) as info:
             main(["run", "--resume", str(run_dir), "--set", "dynamics.steps=40", "--quiet"])
     assert info.value.code == 2 and "in use by" in capsys.readouterr().err
     assert reads == []
     main(["run", "--resume", str(run_dir), "--set", "dynamics.steps=40", "--quiet"])  # free again: it reads
-    assert {"_read_json", "_restore", "metrics"} <= set(reads)
+    assert {"_read_resume", "_restore", "read_metrics", "load_checkpoint"} <= set(reads)
     assert checkpoint_step(run_dir) == 40
 
 
