@@ -354,7 +354,8 @@ def check_resources(cfg: cfgmod.Config, dataset=None) -> None:
     if field == "data":
         big = max(("n", "n_test"), key=lambda k: s[k])
         field = f"data.params.{big}" if dataset is None else "data"
-        value = s[big] if dataset is None else f"{s['n']} + {s['n_test']} points x {s['d']} inputs"
+        value = cfg.data.params.get(big, s[big]) if dataset is None else \
+            f"{s['n']} + {s['n_test']} points x {s['d']} inputs"
         what = "the data"
     elif field == "model.n_particles":
         value = int(cfg.model.n_particles)
