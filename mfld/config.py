@@ -435,11 +435,22 @@ def _split(o: str):
 
 
 def _deepcopy(d):
-    if isinstance(d, dict):
-        return {k: _deepcopy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deepcopy(v) for v in d]
-    return d
+    """A copy of nested dicts and lists, refusing more than :data:`MAX_YAML_NODES` values (a
+    Python structure that shares sub-lists expands like a YAML alias bomb)."""
+    budget = [MAX_YAML_NODES]
+
+    def copy(x, depth):
+        budget[0] -= 1
+        if budget[0] < 0 or depth > 200:
+            raise ConfigError(f"the config holds more than {MAX_YAML_NODES} values (or is nested deeper than 200)",
+                              field="config", allowed="a config of ordinary size")
+        if isinstance(x, dict):
+            return {k: copy(v, depth + 1) for k, v in x.items()}
+        if isinstance(x, list):
+            return [copy(v, depth + 1) for v in x]
+        return x
+
+    return copy(d, 0)
 
 
 def read_yaml(path: str | Path, field: str = "config") -> dict:

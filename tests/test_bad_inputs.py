@@ -787,3 +787,13 @@ print(json.dumps({{"codes": codes, "jax": "jax" in sys.modules}}))
     assert got == {"codes": [0, 2, 2, 2], "jax": False}, (got, res.stderr)
     assert len(res.stderr.strip().splitlines()) == 3  # one line per mistake
     assert not (tmp_path / "runs").exists()
+
+
+def test_help_texts_say_where_runs_go_and_what_validate_set_does(capsys):
+    main(["run", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # (click wraps lines, also at hyphens)
+    assert "runs/<name>-<YYYYmmdd-HHMMSS>underthecurrentdirectory" in text
+    assert "nevercleared" in text and "--coordinator-bind" in text
+    main(["validate", "--help"])
+    text = "".join(capsys.readouterr().out.split())
+    assert "--setKEY=VALUEDottedoverrideappliedbeforechecking" in text and "memory" in text

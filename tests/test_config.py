@@ -372,3 +372,11 @@ def test_data_file_path_is_recorded_absolute(tmp_path, monkeypatch):
     # the stored (absolute) config validates to itself from any directory
     monkeypatch.chdir("/")
     assert cfgmod.validate(cfg.to_dict()) == cfg
+
+
+def test_python_structures_that_share_lists_are_bounded_too():
+    shared = [1]
+    for _ in range(40):
+        shared = [shared, shared]
+    with pytest.raises(ConfigError, match="more than 100000 values"):
+        cfgmod.apply_overrides({"data": {"params": {"n": shared}}}, None)

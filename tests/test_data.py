@@ -226,3 +226,25 @@ def test_file_errors(tmp_path):
     np.savez(tmp_path / "g.npz", x=np.ones((3, 2)), y=np.ones(3), x_test=np.ones((2, 2)))
     with pytest.raises(ConfigError, match="only one of x_test, y_test"):
         data.load_file(str(tmp_path / "g.npz"))
+
+
+def test_a_relative_data_path_works_from_any_directory(tmp_path, monkeypatch, capsys):
+    """The config records the data file's absolute path: `mfld plot` and `--resume` work from
+    another directory than the one the run started in."""
+    from mfld.cli import main
+
+    (tmp_path / "data").mkdir()
+    xs = np.linspace(-2, 2, 20)
+    (tmp_path / "data" / "d.csv").write_text("x,y\n" + "".join(f"{float(v)!r},{float(np.sin(v))!r}\n" for v in xs))
+    monkeypatch.chdir(tmp_path)
+    args = ["--set", "model.n_particles=16", "--set", "dynamics.steps=10", "--set", "record.every=5",
+            "--set", "record.certify_every=0", "--set", "record.optimum=false", "--quiet"]
+    main(["run", *args, "--set", "data.kind=file", "--set", "data.params.path=data/d.csv", "--out", "r"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run_dir = tmp_path / "r"
+    assert "data/d.csv" not in (run_dir / "config.yaml").read_text().replace(str(tmp_path / "data/d.csv"), "")
+    main(["plot", str(run_dir)])
+    main(["run", "--resume", str(run_dir), "--set", "dynamics.steps=20", "--quiet"])
+    assert "status=completed  steps=20" in capsys.readouterr().out
