@@ -797,3 +797,26 @@ def test_help_texts_say_where_runs_go_and_what_validate_set_does(capsys):
     main(["validate", "--help"])
     text = "".join(capsys.readouterr().out.split())
     assert "--setKEY=VALUEDottedoverrideappliedbeforechecking" in text and "memory" in text
+
+
+def test_overwrite_clears_a_run_and_accepts_new_or_empty_directories(tmp_path, capsys):
+    """--overwrite into a missing or empty directory is an ordinary new run; into a run it
+    clears the run (its own files and anything put next to them); into anything else it is
+    refused (the table above) and the user's files survive."""
+    new, empty, run = tmp_path / "new", tmp_path / "empty", tmp_path / "run"
+    empty.mkdir()
+    for d in (new, empty, run):
+        main(["run", *TINY, "--out", str(d), "--overwrite"])
+    (run / "stray.txt").write_text("next to a run")
+    main(["run", *TINY, "--set", "dynamics.steps=6", "--out", str(run), "--overwrite"])
+    assert not (run / "stray.txt").exists() and (run / ".mfld-run").is_file()
+    assert json.loads((run / "summary.json").read_text())["final"]["step"] == 6
+    user = tmp_path / "user"
+    (user / "sub").mkdir(parents=True)
+    (user / "thesis.tex").write_text("keep")
+    (user / "sub" / "data.bin").write_bytes(b"\x00")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["run", *TINY, "--out", str(user), "--overwrite"])
+    assert info.value.code == 2 and "does not hold an mfld run" in capsys.readouterr().err
+    assert (user / "thesis.tex").read_text() == "keep" and (user / "sub" / "data.bin").read_bytes() == b"\x00"

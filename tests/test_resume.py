@@ -579,3 +579,30 @@ def test_not_converging_note(monkeypatch):
     assert runner._convergence_note(stable, None, oscillating, [st, st]) is None
     assert runner._convergence_note(unstable, None, {"step": steps[:5], "gap": oscillating["gap"][:5]},
                                     [st, st]) is None
+
+
+def test_the_directory_is_checked_again_under_the_lock(tmp_path, monkeypatch, capsys):
+    """Two runs into one directory, the second one delayed: the first finishes between the
+    second one's early check and its lock. The second one must see the finished run under the
+    lock and refuse it (without --overwrite), leaving it byte for byte."""
+    import shutil
+
+    from mfld.app import lock as lockmod
+
+    done = tmp_path / "done"
+    main(["run", *BASE, "--set", "dynamics.steps=20", "--out", str(done)])
+    target = tmp_path / "target"
+    orig = lockmod.RunLock.acquire
+
+    def first_run_finishes_meanwhile(self):
+        if self.path.parent == target and not (target / rundir.CONFIG).exists():
+            shutil.copytree(done, target, dirs_exist_ok=True)
+        return orig(self)
+
+    monkeypatch.setattr(lockmod.RunLock, "acquire", first_run_finishes_meanwhile)
+    before = {p.name: p.read_bytes() for p in done.iterdir() if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["run", *BASE, "--set", "dynamics.steps=20", "--out", str(target)])
+    assert info.value.code == 2 and "not empty" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before

@@ -679,6 +679,10 @@ def _clear_dir(out_dir: Path):
     symbolic links are removed, never followed."""
     import shutil
 
+    from mfld.app.inputs import _entries
+
+    if not _entries(out_dir):
+        return  # a new or empty directory: nothing to clear
     if not rundir.is_run_dir(out_dir):  # the check ran under the lock; never clear anything else
         raise ConfigError("--overwrite refused: the directory does not hold an mfld run", field="--out",
                           value=str(out_dir))
