@@ -57,7 +57,9 @@ class OneLineGroup(click.Group):
         except _Interrupted as e:  # a second Ctrl-C during a run (the first one checkpoints and stops)
             hint = f"; resume with: {resume_command(e.run_dir)}" if e.run_dir is not None else ""
             click.echo(f"error: interrupted{hint}", err=True)
-            sys.exit(130)
+            stop = SystemExit(130)
+            stop.interrupted = True  # main() ends the process at once (see there)
+            raise stop from None
         except click.exceptions.Abort:  # a Ctrl-C outside a command (click's own prompt handling)
             click.echo("error: interrupted", err=True)
             sys.exit(130)
@@ -283,7 +285,19 @@ def sweep(config, grid, seeds, overrides, out, threads):
 
 
 def main(argv=None):
-    cli.main(args=argv)
+    """The console script's entry point (``argv=None``: the command line)."""
+    try:
+        cli.main(args=argv)
+    except SystemExit as stop:
+        if argv is None and getattr(stop, "interrupted", False):
+            # A KeyboardInterrupt inside a JAX computation can leave XLA's threads (and the
+            # persistent compilation cache's writer) mid-operation; the interpreter's teardown
+            # then crashes now and then (SIGSEGV after the error line, with a compilation
+            # cache). The run's files are written and its lock released by now: end here.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(int(stop.code))
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

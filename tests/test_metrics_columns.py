@@ -38,6 +38,17 @@ from mfld.cli import main
 RTOL = 1e-9
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _restore_x64():
+    """``mfld run --x64`` in-process switches x64 on for the process (as the CLI does at its
+    entry point): switch it back for the tests that follow."""
+    import jax
+
+    old = jax.config.jax_enable_x64
+    yield
+    jax.config.update("jax_enable_x64", old)
+
+
 def _run(tmp_path: Path, name: str, extra: list[str]) -> Path:
     out = tmp_path / name
     main(["run", "--x64", "--quiet", "--set", "dynamics.steps=40", "--set", "record.every=10",
