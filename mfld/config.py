@@ -249,7 +249,7 @@ def validate(data: dict | None) -> Config:
 
 #: Largest config file (bytes) and ``--set`` value (characters) that are parsed at all.
 MAX_YAML_BYTES = 1 << 20
-MAX_OVERRIDE_CHARS = 10_000
+MAX_OVERRIDE_CHARS = 100_000
 #: Largest number of YAML nodes a document may expand to, counting every alias at its full
 #: size (a "billion laughs" document of a few hundred bytes expands to billions).
 MAX_YAML_NODES = 100_000
