@@ -18,8 +18,30 @@ EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3  # the run diverged (summary status "diverged"); interrupted runs exit 128 + signal
 
 
+class _Interrupted(Exception):
+    """A KeyboardInterrupt (a second Ctrl-C) carried past click, which would print an empty line
+    and "Aborted!" for it; ``run_dir``: the run it stopped, if one was being written."""
+
+    def __init__(self, run_dir=None):
+        super().__init__("interrupted")
+        self.run_dir = run_dir
+
+
+def resume_command(run_dir, devices=None) -> str:
+    """The exact command that continues the run in ``run_dir``."""
+    import shlex
+
+    return "mfld run --resume " + shlex.quote(str(run_dir)) + (f" --devices {int(devices)}" if devices else "")
+
+
 class OneLineGroup(click.Group):
     """A click group whose usage errors are printed on one line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:
+            raise _Interrupted(getattr(err, "run_dir", None)) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -32,8 +54,14 @@ class OneLineGroup(click.Group):
             where = f" (mfld {e.ctx.command.name})" if e.ctx is not None and e.ctx.command is not self else ""
             click.echo(f"error: {msg}{where}; see 'mfld --help'", err=True)
             sys.exit(EXIT_USER_ERROR)
-        except click.exceptions.Abort:
-            click.echo("error: aborted", err=True)
+        except _Interrupted as e:  # a second Ctrl-C during a run (the first one checkpoints and stops)
+            hint = f"; resume with: {resume_command(e.run_dir)}" if e.run_dir is not None else ""
+            click.echo(f"error: interrupted{hint}", err=True)
+            stop = SystemExit(130)
+            stop.interrupted = True  # main() ends the process at once (see there)
+            raise stop from None
+        except click.exceptions.Abort:  # a Ctrl-C outside a command (click's own prompt handling)
+            click.echo("error: interrupted", err=True)
             sys.exit(130)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
@@ -70,9 +98,12 @@ def _set_x64(enabled: bool):
 @click.argument("config", required=False, type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Dotted override, e.g. --set objective.tau=0.01 (repeatable).")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default: runs/<name>-<YYYYmmdd-HHMMSS> under the current directory; "
+                   "'-2', '-3' ... appended when taken).")
 @click.option("--x64", is_flag=True, help="Run the particles in float64 (precision: float64).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the mfld run in --out (a directory that does not hold an mfld run is never cleared).")
 @click.option("--resume", "resume", is_flag=True,
               help="Continue the run in --out (or: mfld run --resume RUN_DIR) from its checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -81,13 +112,20 @@ def _set_x64(enabled: bool):
 @click.option("--threads", type=int, default=None, metavar="T", help="CPU cores for this process (pinned).")
 @click.option("--coordinator", default=None, metavar="HOST:PORT",
               help="Multi-process run: process 0's address ('auto': detect a SLURM/MPI cluster).")
+@click.option("--coordinator-bind", "coordinator_bind", default=None, metavar="HOST:PORT",
+              help="Multi-process run: the address process 0 listens on (default: the --coordinator address, "
+                   "so 127.0.0.1 stays local; 0.0.0.0:PORT for every interface).")
 @click.option("--num-processes", type=int, default=None, metavar="P", help="Multi-process run: process count.")
 @click.option("--process-id", type=int, default=None, metavar="I", help="Multi-process run: this process (0..P-1).")
 @click.option("--format", "fig_format", type=click.Choice(["png", "pdf", "svg"]), default="png", show_default=True,
               help="File format of the figures.")
-def run(config, overrides, out, x64, overwrite, resume, quiet, devices, threads, coordinator, num_processes,
-        process_id, fig_format):
-    """Train on CONFIG (YAML; default: the embedded teacher-student problem)."""
+def run(config, overrides, out, x64, overwrite, resume, quiet, devices, threads, coordinator, coordinator_bind,
+        num_processes, process_id, fig_format):
+    """Train on CONFIG (YAML; default: the embedded teacher-student problem).
+
+    The run is written to --out (default runs/<name>-<timestamp>): config.yaml, metrics.csv,
+    summary.json, checkpoint.npz, figures/ (docs/runs.md). Ctrl-C stops at the next record
+    with a checkpoint; the command to continue is printed."""
     if devices is not None or threads is not None:  # before JAX (and NumPy's BLAS) start
         from mfld.sharding import configure_cpu
 
@@ -102,10 +140,12 @@ def run(config, overrides, out, x64, overwrite, resume, quiet, devices, threads,
         config, out = None, config  # mfld run --resume RUN_DIR
     # the config (a resume must match the stored one) and its data (a resume: the run's own),
     # validated before JAX is imported; the runner takes them as they are
-    prep = inputs.prepare(config, ov, out=out, resume=resume)
+    single = coordinator is None and num_processes is None and process_id is None
+    prep = inputs.prepare(config, ov, out=out, resume=resume, overwrite=overwrite,
+                          check_dir=single)  # several processes: only process 0's runner checks it
     cfg = prep.config
     _set_x64(cfg.precision == "float64")
-    writer = _join_processes(coordinator, num_processes, process_id)
+    writer = _join_processes(coordinator, num_processes, process_id, coordinator_bind)
     from mfld.app import runner
 
     if not writer:  # only process 0 writes; the others compute their share and read a resumed run
@@ -122,20 +162,25 @@ def run(config, overrides, out, x64, overwrite, resume, quiet, devices, threads,
     if status == "diverged":
         sys.exit(EXIT_DIVERGED)
     if status == "interrupted":
+        if res.run_dir is not None:
+            click.echo(f"resume with: {resume_command(res.run_dir, devices)}")
         sys.exit(128 + int(res.summary.get("signal") or 2))
 
 
-def _join_processes(coordinator, num_processes, process_id) -> bool:
+def _join_processes(coordinator, num_processes, process_id, bind=None) -> bool:
     """``jax.distributed`` start-up for a multi-process run (before any JAX computation); returns
     whether this process writes (process 0, or a single-process run)."""
     if coordinator is None and num_processes is None and process_id is None:
+        if bind is not None:
+            raise ConfigError("--coordinator-bind needs a multi-process run", field="--coordinator-bind",
+                              value=bind, allowed="with --coordinator")
         return True
     from mfld import sharding
 
     if coordinator == "auto" and num_processes is None and process_id is None:
-        sharding.initialize()
+        sharding.initialize(bind=bind)
     else:
-        sharding.initialize(coordinator, num_processes, process_id)
+        sharding.initialize(coordinator, num_processes, process_id, bind=bind)
     return sharding.is_writer()
 
 
@@ -144,9 +189,9 @@ def _print_summary(res):
     fin = s.get("final", {})
     parts = [f"status={s.get('status')}", f"steps={fin.get('step', 0)}"]
     for k in ("risk", "test_risk", "reg_risk", "gap", "F_minus_Fstar_upper"):
-        if k in fin and fin[k] == fin[k]:
+        if isinstance(fin.get(k), (int, float)) and fin[k] == fin[k]:
             parts.append(f"{k}={fin[k]:.4g}")
-    if "F_star" in s:
+    if isinstance(s.get("F_star"), (int, float)):
         parts.append(f"F*={s['F_star']:.6g}")
     parts.append(f"time={s.get('run_time_s', 0):.1f}s")
     click.echo("  ".join(parts))
@@ -167,9 +212,13 @@ def config_cmd(plain):
 
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Dotted override applied before checking, as for mfld run, e.g. --set objective.tau=0.01 "
+                   "(repeatable).")
 def validate(config, overrides):
-    """Check CONFIG without running it."""
+    """Check CONFIG (with its overrides) without running it: every field, the data, the
+    certificate settings and the memory the run needs (the checks `mfld run` makes before it
+    writes anything)."""
     from mfld.app.inputs import validate_inputs  # the config and its data; no JAX
 
     cfg = validate_inputs(config, list(overrides))
@@ -258,7 +307,19 @@ def sweep(config, grid, seeds, overrides, out, threads, resume, quiet):
 
 
 def main(argv=None):
-    cli.main(args=argv)
+    """The console script's entry point (``argv=None``: the command line)."""
+    try:
+        cli.main(args=argv)
+    except SystemExit as stop:
+        if argv is None and getattr(stop, "interrupted", False):
+            # A KeyboardInterrupt inside a JAX computation can leave XLA's threads (and the
+            # persistent compilation cache's writer) mid-operation; the interpreter's teardown
+            # then crashes now and then (SIGSEGV after the error line, with a compilation
+            # cache). The run's files are written and its lock released by now: end here.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(int(stop.code))
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,13 +11,22 @@ This module deliberately does not import JAX, so a bad config fails fast.
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mfld.errors import ConfigError
+from mfld.errors import ConfigError, short_repr
+
+#: Largest seed: the dynamics key is ``jax.random.key(seed)``, whose key data agree with and
+#: without x64 only below 2^32 (without x64 a larger seed is silently truncated to 32 bits).
+MAX_SEED = 2 ** 32 - 1
+#: Longest run name (it becomes a directory name with a timestamp appended; most file systems
+#: allow 255 bytes).
+MAX_NAME = 100
 
 ACTIVATION_NAMES = ("tanh", "sigmoid", "erf", "relu", "softplus", "gelu", "linear")
 DEFAULT_TEACHER_PARAMS = dict(n=64, d=1, teacher_width=3, noise=0.05, n_test=256)
@@ -34,7 +43,7 @@ class DataConfig(_Section):
     """Where the data come from. ``params`` are passed to the generator of ``kind``."""
 
     kind: Literal[DATA_KINDS] = "teacher_student"  # type: ignore[valid-type]
-    seed: int | None = Field(default=None, ge=0, description="data seed (default: the run seed)")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="data seed (default: the run seed)")
     params: dict[str, Any] = Field(
         default_factory=lambda: dict(DEFAULT_TEACHER_PARAMS),
         description="generator parameters (see mfld.data.make_dataset)")
@@ -45,6 +54,13 @@ class DataConfig(_Section):
         # kind without giving params must not carry them over (they would be unknown there).
         if "params" not in self.model_fields_set and self.kind != "teacher_student":
             object.__setattr__(self, "params", {})
+        # A data file is recorded by its absolute path, so that `mfld plot` and `--resume`
+        # find it from any directory (relative paths are taken from the current directory).
+        path = self.params.get("path") if self.kind == "file" else None
+        if isinstance(path, str) and path.strip() and "\0" not in path:
+            absolute = os.path.abspath(os.path.expanduser(path))
+            if absolute != path:
+                object.__setattr__(self, "params", {**self.params, "path": absolute})
         return self
 
 
@@ -107,7 +123,7 @@ class Config(_Section):
     """The whole run configuration."""
 
     name: str = Field(default="run", description="a label for the run")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     precision: Literal["float32", "float64"] = "float32"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -118,9 +134,13 @@ class Config(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v):
-        if not v or any(c in v for c in "/\\\n\r\0") or v in (".", ".."):
-            raise ConfigError("invalid run name", field="name", value=v,
-                              allowed="a non-empty label without slashes or newlines")
+        allowed = f"a label of 1..{MAX_NAME} characters without slashes or control characters"
+        if len(v) > MAX_NAME:
+            raise ConfigError(f"run name of {len(v)} characters is too long", field="name", value=v,
+                              allowed=allowed)
+        if not v.strip() or any(c in v for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in v) \
+                or v in (".", ".."):
+            raise ConfigError("invalid run name", field="name", value=v, allowed=allowed)
         return v
 
     def to_dict(self) -> dict:
@@ -197,12 +217,19 @@ def _format_error(err: ValidationError) -> ConfigError:
                            allowed=", ".join(a.rsplit('.', 1)[-1] for a in allowed))
     if kind == "missing":
         return ConfigError("missing value", field=loc or None)
-    return ConfigError(f"invalid value {_short(value)}", field=loc or "config", allowed=_allowed_from_error(e))
+    hint = ""
+    if kind == "literal_error" and isinstance(value, str):
+        options = [str(o) for o in ((e.get("ctx") or {}).get("expected_values") or ())] or \
+            [o.strip().strip("'") for o in str((e.get("ctx") or {}).get("expected", "")).replace(" or ", ", ")
+             .split(",")]
+        close = difflib.get_close_matches(value.strip().lower(), options, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"invalid value {_short(value)}{hint}", field=loc or "config",
+                       allowed=_allowed_from_error(e))
 
 
 def _short(v) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
+    return short_repr(v, 60)
 
 
 def validate(data: dict | None) -> Config:
@@ -218,10 +245,147 @@ def validate(data: dict | None) -> Config:
         raise _format_error(err) from None
 
 
-def parse_value(text: str):
-    """Parse the right-hand side of ``--set key=value`` as YAML (numbers, bools, null, lists)."""
+# ---------------------------------------------------------------------------------------
+# YAML: bounded, strict about duplicates, YAML 1.2 numbers
+# ---------------------------------------------------------------------------------------
+
+#: Largest config file (bytes) and ``--set`` value (characters) that are parsed at all.
+MAX_YAML_BYTES = 1 << 20
+MAX_OVERRIDE_CHARS = 100_000
+#: Largest number of YAML nodes a document may expand to, counting every alias at its full
+#: size (a "billion laughs" document of a few hundred bytes expands to billions).
+MAX_YAML_NODES = 100_000
+
+
+class _YAMLProblem(Exception):
+    """A problem of a YAML text that is not a syntax error (duplicate key, too large)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 exponent floats (``1e-3``, ``2E5``: PyYAML's YAML 1.1
+    resolver reads them as strings) and duplicate mapping keys refused."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    dup = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable: PyYAML reports it below
+                    continue
+                if dup:
+                    raise _YAMLProblem(f"duplicate key {short_repr(key, 40)} at line {key_node.start_mark.line + 1}")
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _expanded_size(root) -> int:
+    """The number of nodes of a composed YAML document with every alias expanded (computed
+    without expanding: sizes are memoised per node); raises on recursive aliases."""
+    size: dict[int, int] = {}
+    active: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        k = id(node)
+        if done:
+            active.discard(k)
+            kids = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [x for pair in node.value for x in pair])
+            size[k] = min(1 + sum(size[id(c)] for c in kids), MAX_YAML_NODES + 1)
+            continue
+        if k in size:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            size[k] = 1
+            continue
+        if k in active:
+            raise _YAMLProblem("a recursive alias (a structure that contains itself)")
+        active.add(k)
+        stack.append((node, True))
+        kids = node.value if isinstance(node, yaml.SequenceNode) else [x for pair in node.value for x in pair]
+        stack.extend((c, False) for c in kids if id(c) not in size)
+    return size[id(root)]
+
+
+#: Deepest nesting of flow collections (``[...]``, ``{...}``) parsed (PyYAML's scanner takes
+#: time quadratic in it).
+MAX_YAML_DEPTH = 64
+
+
+def _flow_depth_ok(text: str) -> bool:
+    """Whether no flow collection nests deeper than :data:`MAX_YAML_DEPTH` (brackets inside
+    quotes and comments ignored; a quick over-estimate elsewhere)."""
+    if text.count("[") + text.count("{") <= MAX_YAML_DEPTH:
+        return True
+    depth, quote, prev = 0, None, "\n"
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"" and prev in " \t\n[{,:":
+            quote = ch
+        elif ch == "#" and prev in " \t\n":
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            prev = "\n"
+            continue
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                return False
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+        prev = ch
+        i += 1
+    return True
+
+
+def safe_load(text: str):
+    """Parse one YAML document with :class:`_Loader`, refusing documents that expand (through
+    aliases) to more than :data:`MAX_YAML_NODES` nodes. Raises ``yaml.YAMLError`` (syntax) or
+    :class:`_YAMLProblem` (duplicate key, too large, recursive, nested too deeply)."""
+    if not _flow_depth_ok(text):
+        raise _YAMLProblem(f"nested deeper than {MAX_YAML_DEPTH} levels")
+    loader = _Loader(text)
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            n = _expanded_size(node)
+            if n > MAX_YAML_NODES:
+                raise _YAMLProblem(f"expands to more than {MAX_YAML_NODES} values (aliases)")
+            return loader.construct_document(node)
+        except RecursionError:
+            raise _YAMLProblem("nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def parse_value(text: str):
+    """Parse the right-hand side of ``--set key=value`` as YAML (numbers, bools, null, lists);
+    text that is not YAML stays a string. ``1e-3`` is a number (YAML 1.2)."""
+    if text == "":
+        return ""
+    if len(text) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(f"override value of {len(text)} characters is too long", field="--set",
+                          value=text, allowed=f"at most {MAX_OVERRIDE_CHARS} characters")
+    try:
+        return safe_load(text)
+    except _YAMLProblem as err:
+        raise ConfigError(f"override value refused: {err}", field="--set", value=text) from None
     except yaml.YAMLError:
         return text
 
@@ -273,28 +437,51 @@ def _split(o: str):
 
 
 def _deepcopy(d):
-    if isinstance(d, dict):
-        return {k: _deepcopy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deepcopy(v) for v in d]
-    return d
+    """A copy of nested dicts and lists, refusing more than :data:`MAX_YAML_NODES` values (a
+    Python structure that shares sub-lists expands like a YAML alias bomb)."""
+    budget = [MAX_YAML_NODES]
+
+    def copy(x, depth):
+        budget[0] -= 1
+        if budget[0] < 0 or depth > 200:
+            raise ConfigError(f"the config holds more than {MAX_YAML_NODES} values (or is nested deeper than 200)",
+                              field="config", allowed="a config of ordinary size")
+        if isinstance(x, dict):
+            return {k: copy(v, depth + 1) for k, v in x.items()}
+        if isinstance(x, list):
+            return [copy(v, depth + 1) for v in x]
+        return x
+
+    return copy(d, 0)
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, field: str = "config") -> dict:
+    """A YAML file (at most :data:`MAX_YAML_BYTES`, see :func:`safe_load`); every problem is a
+    :class:`ConfigError` naming ``field`` and the file."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError("config file not found", field="config", value=str(path))
+        raise ConfigError("config file not found", field=field, value=str(path))
     if path.is_dir():
-        raise ConfigError("config path is a directory", field="config", value=str(path),
+        raise ConfigError("config path is a directory", field=field, value=str(path),
                           allowed="a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"cannot read the file ({err.strerror or err})", field=field, value=str(path)) from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"file larger than {MAX_YAML_BYTES} bytes", field=field, value=str(path),
+                          allowed="a config file of at most 1 MiB")
+    try:
+        data = safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("not a text file (not UTF-8)", field=field, value=str(path)) from None
+    except _YAMLProblem as err:
+        raise ConfigError(f"YAML refused: {err}", field=field, value=str(path)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"not valid YAML{where}", field="config", value=str(path)) from None
-    except UnicodeDecodeError:
-        raise ConfigError("not a text file", field="config", value=str(path)) from None
+        raise ConfigError(f"not valid YAML{where}", field=field, value=str(path)) from None
     return {} if data is None else data
 
 

@@ -264,10 +264,17 @@ def load_file(path: str, *, y_column: str = "y", x_columns: list | None = None, 
     inputs (default: every other column). ``test_fraction`` > 0 holds out a seeded random
     split (only when the file has no test arrays). Values must be finite numbers.
     """
+    if not isinstance(path, (str, Path)) or not str(path).strip() or "\0" in str(path):
+        raise ConfigError("invalid data file path", field="data.params.path", value=path,
+                          allowed="the path of an existing .npz or .csv file")
     p = Path(str(path)).expanduser()
-    if not p.is_file():
-        raise ConfigError("file not found", field="data.params.path", value=str(path),
-                          allowed="an existing .npz or .csv file")
+    try:
+        found, exists = p.is_file(), p.exists()
+    except (OSError, ValueError):
+        found = exists = False
+    if not found:
+        raise ConfigError("not a regular file" if exists else "file not found", field="data.params.path",
+                          value=str(path), allowed="an existing .npz or .csv file")
     _fraction(test_fraction, "data.params.test_fraction")
     suffix = p.suffix.lower()
     if suffix == ".npz":
@@ -292,79 +299,226 @@ def load_file(path: str, *, y_column: str = "y", x_columns: list | None = None, 
     return _split(x, y, test_fraction, seed, meta)
 
 
+#: dtype kinds a data array may have (booleans, integers, floats).
+_NUMERIC_KINDS = "biuf"
+_KIND_NAMES = {"c": "complex", "O": "object (pickled Python objects)", "U": "text", "S": "bytes",
+               "V": "structured", "M": "datetime", "m": "timedelta"}
+
+
+def _too_big(nbytes: int, p: Path, what: str):
+    """Refuse data that cannot fit in memory (mfld.resources.available_memory), before reading."""
+    from mfld.resources import available_memory, human
+
+    avail = available_memory()
+    if avail is not None and nbytes > avail:
+        raise ConfigError(f"{what} of {p.name} needs ~{human(nbytes)}, more than the {human(avail)} of memory "
+                          f"available", field="data.params.path", value=str(p), allowed="data that fit in memory")
+
+
+def _npz_headers(p: Path) -> dict:
+    """``{name: (shape, dtype)}`` of the arrays of an .npz file, read from the .npy headers
+    only (nothing is allocated); refuses object, complex and other non-numeric arrays and
+    headers whose size disagrees with the stored bytes."""
+    import zipfile
+
+    from numpy.lib import format as npformat
+
+    out = {}
+    try:
+        with zipfile.ZipFile(p) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                name = info.filename[:-4]
+                with zf.open(info) as f:
+                    version = npformat.read_magic(f)
+                    if version == (1, 0):
+                        shape, fortran, dtype = npformat.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, fortran, dtype = npformat.read_array_header_2_0(f)
+                    else:
+                        shape, fortran, dtype = npformat._read_array_header(f, version)  # noqa: SLF001
+                    header_end = f.tell()
+                if dtype.kind not in _NUMERIC_KINDS or dtype.hasobject:
+                    kind = _KIND_NAMES.get(dtype.kind, str(dtype))
+                    raise ConfigError(f"array {name!r} in {p} holds {kind} values (dtype {dtype.str})",
+                                      field="data.params.path", allowed="real numbers (bool, int or float arrays)")
+                count = 1
+                for s in shape:
+                    count *= int(s)
+                nbytes = count * dtype.itemsize
+                if nbytes > max(info.file_size - header_end, 0):
+                    raise ConfigError(f"array {name!r} in {p} is damaged: its header claims {count} values "
+                                      f"({nbytes} bytes) but the file holds {max(info.file_size - header_end, 0)}",
+                                      field="data.params.path", allowed="an .npz written by numpy.savez")
+                out[name] = (tuple(int(s) for s in shape), dtype)
+    except ConfigError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, TypeError, SyntaxError) as e:
+        from mfld.errors import short_repr
+
+        raise ConfigError(f"cannot read {p}: not a valid .npz file ({type(e).__name__}: {short_repr(str(e), 60)})",
+                          field="data.params.path", allowed="an .npz written by numpy.savez") from None
+    return out
+
+
 def _read_npz(p: Path):
+    headers = _npz_headers(p)
+    keys = set(headers)
+    missing = [k for k in ("x", "y") if k not in keys]
+    if missing:
+        has = ", ".join(sorted(keys))
+        raise ConfigError(f"{p} lacks array(s) {', '.join(missing)} "
+                          f"(has: {(has if len(has) <= 60 else has[:57] + '...') if keys else 'none'})",
+                          field="data.params.path", allowed="keys x, y and optionally x_test, y_test")
+    if ("x_test" in keys) != ("y_test" in keys):
+        raise ConfigError(f"{p} has only one of x_test, y_test", field="data.params.path",
+                          allowed="both or neither")
+    used = [k for k in ("x", "y", "x_test", "y_test") if k in keys]
+    total = sum(8 * max(1, _prod(headers[k][0])) for k in used)
+    _too_big(2 * total, p, "the arrays")
+    out = []
     try:
         z = np.load(p, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a user mistake here
-        raise ConfigError(f"cannot read {p}: {e}", field="data.params.path") from None
+        raise ConfigError(f"cannot read {p} ({type(e).__name__})", field="data.params.path") from None
     with z:
-        keys = set(z.files)
-        missing = [k for k in ("x", "y") if k not in keys]
-        if missing:
-            raise ConfigError(f"{p} lacks array(s) {', '.join(missing)} (has: {', '.join(sorted(keys)) or 'none'})",
-                              field="data.params.path", allowed="keys x, y and optionally x_test, y_test")
-        if ("x_test" in keys) != ("y_test" in keys):
-            raise ConfigError(f"{p} has only one of x_test, y_test", field="data.params.path",
-                              allowed="both or neither")
-        out = []
         for k in ("x", "y", "x_test", "y_test"):
             if k not in keys:
                 out.append(None)
                 continue
             try:
                 out.append(np.asarray(z[k], dtype=np.float64))
-            except (TypeError, ValueError):
-                raise ConfigError(f"array {k!r} in {p} is not numeric (dtype {z[k].dtype})",
-                                  field="data.params.path") from None
+            except Exception as e:  # noqa: BLE001 - a damaged member (bad CRC, truncated)
+                raise ConfigError(f"array {k!r} in {p} cannot be read ({type(e).__name__})",
+                                  field="data.params.path", allowed="an .npz written by numpy.savez") from None
     return tuple(out)
 
 
+def _first_undecodable_line(p: Path) -> int | str:
+    """The 1-based number of the first line of ``p`` that is not valid UTF-8 ("?" if none)."""
+    try:
+        with open(p, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return i
+    except OSError:
+        pass
+    return "?"
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
 def _read_csv(p: Path, y_column, x_columns):
-    with open(p, newline="") as fh:
-        rows = list(csv.reader(fh))
-    rows = [r for r in rows if any(c.strip() for c in r)]
-    if not rows:
-        raise ConfigError(f"{p} is empty", field="data.params.path", allowed="a header row and data rows")
-    header = [h.strip() for h in rows[0]]
-    body = rows[1:]
-    if not body:
+    """A CSV data file: a header row, then one row of numbers per point. Every problem names
+    the file and the line (and the column)."""
+    import array
+
+    from mfld.errors import short_repr
+
+    # each value takes at least 2 bytes of text ("1,") and 8 bytes as a float64 (twice, while
+    # the columns are assembled)
+    try:
+        size = p.stat().st_size
+    except OSError:
+        size = 0
+    _too_big(8 * size, p, "the values")
+
+    def bad(line, msg, allowed=None):
+        return ConfigError(f"{p} line {line}: {msg}", field="data.params.path", allowed=allowed)
+
+    csv.field_size_limit(1 << 20)
+    try:
+        fh = open(p, newline="", encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read {p} ({e.strerror or e})", field="data.params.path") from None
+    with fh:
+        reader = csv.reader(fh)
+        line = 1
+        try:
+            header = None
+            for row in reader:
+                line = reader.line_num
+                if any(c.strip() for c in row):
+                    header = [h.strip() for h in row]
+                    break
+            if header is None:
+                raise ConfigError(f"{p} is empty", field="data.params.path", allowed="a header row and data rows")
+            header_line = line
+            avail = short_repr(", ".join(header), 200)[1:-1]
+            seen = {}
+            for j, h in enumerate(header):
+                if not h:
+                    raise bad(header_line, f"column {j + 1} of the header has no name",
+                              allowed="a name for every column (no trailing comma)")
+                if h in seen:
+                    raise bad(header_line, f"column {short_repr(h, 40)} appears twice in the header "
+                                           f"(columns {seen[h] + 1} and {j + 1})", allowed="distinct column names")
+                seen[h] = j
+            if y_column not in header:
+                raise ConfigError(f"no column {short_repr(y_column, 40)} in {p}", field="data.params.y_column",
+                                  value=y_column, allowed=f"one of the columns: {avail}")
+            if x_columns is None:
+                x_columns = [h for h in header if h != y_column]
+                if not x_columns:
+                    raise ConfigError(f"{p} has no input columns besides {y_column!r}",
+                                      field="data.params.x_columns")
+            else:
+                if isinstance(x_columns, str):
+                    x_columns = [x_columns]
+                x_columns = list(x_columns)
+                if not x_columns:
+                    raise ConfigError("no input columns given", field="data.params.x_columns", value=x_columns,
+                                      allowed=f"a non-empty list of columns from: {avail}")
+                missing = [c for c in x_columns if c not in header]
+                if missing:
+                    raise ConfigError(f"no column(s) {short_repr(', '.join(map(str, missing)), 60)} in {p}",
+                                      field="data.params.x_columns", value=x_columns,
+                                      allowed=f"columns from: {avail}")
+                if len(set(x_columns)) != len(x_columns):
+                    raise ConfigError("an input column is listed twice", field="data.params.x_columns",
+                                      value=x_columns, allowed="distinct columns")
+                if y_column in x_columns:
+                    raise ConfigError("the target column is also an input", field="data.params.x_columns",
+                                      value=x_columns, allowed=f"columns other than {y_column!r}")
+            cols = list(x_columns) + [y_column]
+            idx = [header.index(c) for c in cols]
+            values = array.array("d")
+            n_rows = 0
+            for row in reader:
+                line = reader.line_num
+                if not any(c.strip() for c in row):
+                    continue
+                if len(row) != len(header):
+                    raise bad(line, f"{len(row)} fields, the header has {len(header)}",
+                              allowed="the same number of fields on every line")
+                for c, j in zip(cols, idx, strict=True):
+                    cell = row[j].strip()
+                    try:
+                        v = float(cell)
+                    except ValueError:
+                        raise bad(line, f"non-numeric value {short_repr(cell, 40)} in column {short_repr(c, 40)}",
+                                  allowed="numbers") from None
+                    if v != v or v in (float("inf"), float("-inf")):
+                        raise bad(line, f"non-finite value {short_repr(cell, 20)} (NaN/inf) in column "
+                                        f"{short_repr(c, 40)}", allowed="finite numbers")
+                    values.append(v)
+                n_rows += 1
+        except csv.Error as e:
+            raise bad(reader.line_num or line, f"not readable as CSV ({short_repr(str(e), 60)})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p} line {_first_undecodable_line(p)}: not UTF-8 text", field="data.params.path",
+                              allowed="a UTF-8 (or ASCII) CSV file") from None
+    if not n_rows:
         raise ConfigError(f"{p} has a header but no data rows", field="data.params.path")
-    avail = ", ".join(header)
-    if y_column not in header:
-        raise ConfigError(f"no column {y_column!r} in {p}", field="data.params.y_column", value=y_column,
-                          allowed=f"one of the columns: {avail}")
-    if x_columns is None:
-        x_columns = [h for h in header if h != y_column]
-        if not x_columns:
-            raise ConfigError(f"{p} has no input columns besides {y_column!r}", field="data.params.x_columns")
-    else:
-        if isinstance(x_columns, str):
-            x_columns = [x_columns]
-        x_columns = list(x_columns)
-        if not x_columns:
-            raise ConfigError("no input columns given", field="data.params.x_columns", value=x_columns,
-                              allowed=f"a non-empty list of columns from: {avail}")
-        bad = [c for c in x_columns if c not in header]
-        if bad:
-            raise ConfigError(f"no column(s) {', '.join(map(repr, bad))} in {p}", field="data.params.x_columns",
-                              value=x_columns, allowed=f"columns from: {avail}")
-        if y_column in x_columns:
-            raise ConfigError("the target column is also an input", field="data.params.x_columns",
-                              value=x_columns, allowed=f"columns other than {y_column!r}")
-    idx = {h: i for i, h in enumerate(header)}
-    cols = list(x_columns) + [y_column]
-    out = np.empty((len(body), len(cols)))
-    for r, row in enumerate(body):
-        if len(row) != len(header):
-            raise ConfigError(f"{p} line {r + 2} has {len(row)} fields, the header has {len(header)}",
-                              field="data.params.path")
-        for c, name in enumerate(cols):
-            cell = row[idx[name]].strip()
-            try:
-                out[r, c] = float(cell)
-            except ValueError:
-                raise ConfigError(f"non-numeric value {cell!r} in column {name!r}, line {r + 2} of {p}",
-                                  field="data.params.path", allowed="numbers") from None
+    out = np.frombuffer(values, dtype=np.float64).reshape(n_rows, len(cols)).copy()
     return out[:, :-1], out[:, -1]
 
 

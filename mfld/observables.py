@@ -27,11 +27,12 @@ def record(problem: Problem, state: ParticleState) -> dict:
         "mean_abs_a": jnp.mean(jnp.abs(a)),
         "grad_norm": jnp.sqrt(jnp.mean(ga * ga + jnp.sum(gw * gw, axis=1))),
     }
+    # the mean of a boolean array is float32 even under x64: count in the run's precision
     if problem.loss.classification:
-        out["accuracy"] = jnp.mean(jnp.sign(it.f) == problem.y)
+        out["accuracy"] = jnp.mean((jnp.sign(it.f) == problem.y).astype(it.f.dtype))
     if problem.x_test is not None:
         ft = network.predict(problem, a, w, problem.x_test)
         out["test_risk"] = network.risk(problem, ft, problem.y_test)
         if problem.loss.classification:
-            out["test_accuracy"] = jnp.mean(jnp.sign(ft) == problem.y_test)
+            out["test_accuracy"] = jnp.mean((jnp.sign(ft) == problem.y_test).astype(ft.dtype))
     return out

@@ -80,13 +80,39 @@ def configure_cpu(threads: int | None = None, devices: int | None = None):
             pass
 
 
+def _check_address(address: str, field: str) -> str:
+    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) with a port in 1..65535, or a ConfigError."""
+    text = str(address).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or any(c.isspace() for c in text):
+        raise ConfigError("not a HOST:PORT address", field=field, value=address,
+                          allowed="HOST:PORT with a port in 1..65535, e.g. 10.0.0.1:1234 or [::1]:1234")
+    return text
+
+
+def bind_address(coordinator: str, bind: str | None = None) -> str:
+    """The address process 0's coordinator service listens on: ``bind`` if given (e.g.
+    ``0.0.0.0:PORT`` or ``[::]:PORT`` for all interfaces), else ``JAX_COORDINATOR_BIND_ADDRESS``
+    if set, else the coordinator address itself -- ``127.0.0.1:PORT`` stays on the loopback
+    interface, ``HOST:PORT`` listens on the interface(s) HOST resolves to. (JAX's own default
+    is every interface, ``[::]:PORT``.)"""
+    if bind is not None:
+        return _check_address(bind, "--coordinator-bind")
+    env = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS")
+    if env:
+        return env
+    return _check_address(coordinator, "--coordinator")
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, timeout_s: int = 300):
+               process_id: int | None = None, *, timeout_s: int = 300, bind: str | None = None):
     """Join a multi-process run (``jax.distributed.initialize``).
 
     Give all three of ``coordinator`` ('host:port' of process 0), ``num_processes`` and
     ``process_id``, or none of them to let JAX auto-detect a cluster (SLURM, MPI, TPU pods).
-    A process that cannot reach the others aborts after ``timeout_s`` seconds.
+    A process that cannot reach the others aborts after ``timeout_s`` seconds. Process 0
+    listens on :func:`bind_address` (the coordinator's own address unless ``bind`` says
+    otherwise; with auto-detection JAX's default, every interface, unless ``bind`` is given).
     """
     import jax
 
@@ -96,13 +122,18 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                           "auto-detection)", field="distributed",
                           value=dict(coordinator=coordinator, num_processes=num_processes, process_id=process_id))
     if all(given):
+        if int(num_processes) < 1:
+            raise ConfigError("must be a positive integer", field="distributed.num_processes", value=num_processes)
         if not 0 <= int(process_id) < int(num_processes):
             raise ConfigError("process id out of range", field="distributed.process_id", value=process_id,
                               allowed=f"0..{int(num_processes) - 1}")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=int(num_processes),
-                                   process_id=int(process_id), initialization_timeout=int(timeout_s))
+        address = _check_address(coordinator, "--coordinator")
+        jax.distributed.initialize(coordinator_address=address, num_processes=int(num_processes),
+                                   process_id=int(process_id), initialization_timeout=int(timeout_s),
+                                   coordinator_bind_address=bind_address(address, bind))
     else:
-        jax.distributed.initialize(initialization_timeout=int(timeout_s))
+        kw = {} if bind is None else {"coordinator_bind_address": _check_address(bind, "--coordinator-bind")}
+        jax.distributed.initialize(initialization_timeout=int(timeout_s), **kw)
 
 
 def is_writer() -> bool:

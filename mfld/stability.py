@@ -11,6 +11,10 @@ import math
 
 __all__ = ["drift_curvature", "suggest_step_size"]
 
+#: A state whose curvature exceeds this multiple of the first state's is taken to be blowing up
+#: already (:func:`suggest_step_size` ignores it).
+BLOWUP = 10.0
+
 
 def drift_curvature(problem, a, w, *, iters: int = 60, seed: int = 0) -> float:
     """The largest eigenvalue of the Jacobian of the particle drift (all particles at once).
@@ -85,8 +89,10 @@ def suggest_step_size(problem, eta: float, states) -> dict:
     drift-Jacobian eigenvalue over ``states`` (objects with ``a`` and ``w``;
     :func:`drift_curvature`): half the stability limit 2 / mu_max, a factor-2 margin for the
     power iteration's underestimate and for curvature growing along the run;
-    and never more than half the step that diverged. Falls back to halving if the curvature
-    cannot be estimated (non-finite or non-positive).
+    and never more than half the step that diverged. The first state is the reference (the
+    run's start): a later state whose curvature exceeds :data:`BLOWUP` times the first's is
+    already blowing up and is not used. Falls back to halving if the curvature cannot be
+    estimated (non-finite or non-positive).
     """
     eta = float(eta)
     mus = []
@@ -95,15 +101,23 @@ def suggest_step_size(problem, eta: float, states) -> dict:
             mu = drift_curvature(problem, s.a, s.w)
         except Exception:  # noqa: BLE001 - a diagnostic must not break the run's writing
             mu = float("nan")
-        if math.isfinite(mu):
-            mus.append(mu)
-    mu = max(mus) if mus else float("nan")
+        mus.append(mu)
+    finite = [m for m in mus if math.isfinite(m)]
+    # A later state whose curvature is more than BLOWUP times the first state's is already on
+    # the diverging trajectory: its curvature measures the blow-up, not the problem (an NTK run
+    # at eta = 20 reached 8.7e6 against 0.58 at the start, which would suggest eta ~ 1e-7).
+    first = mus[0] if mus and math.isfinite(mus[0]) and mus[0] > 0 else None
+    blown = [m for m in finite[1:] if first is not None and m > BLOWUP * first] if first else []
+    usable = [m for m in finite if not (first is not None and m > BLOWUP * first)]
+    mu = max(usable) if usable else float("nan")
     if math.isfinite(mu) and mu > 0:
         bound = 1.0 / mu
         if bound < eta / 2:
+            extra = (f" (the last finite state's curvature {max(blown):.3g} is that of the blow-up itself, "
+                     f"not used)" if blown else "")
             return {"eta": bound, "curvature": mu,
                     "why": f"the drift's curvature is {mu:.3g}, so the step must stay below 2/{mu:.3g} = "
-                           f"{2 / mu:.3g}; with a factor-2 margin"}
+                           f"{2 / mu:.3g}; with a factor-2 margin{extra}"}
     return {"eta": eta / 2, "curvature": mu if math.isfinite(mu) else None,
             "why": "halving the step" + (f" (curvature {mu:.3g} at the last finite state)" if math.isfinite(mu)
                                          else "")}

@@ -41,9 +41,10 @@ def tiny_run(tmp_path_factory):
 def test_run_directory_files(tiny_run, capsys):
     out = tiny_run
     names = {p.name for p in out.iterdir()}
-    assert names == {"config.yaml", "env.json", "metrics.csv", "summary.json", "checkpoint.npz", "figures"}
-    # no lock and no temporary files left behind
-    assert not list(out.rglob(".*"))
+    assert names == {"config.yaml", "env.json", "metrics.csv", "summary.json", "checkpoint.npz", "figures",
+                     ".mfld-run"}
+    # no lock and no temporary files left behind (the one hidden file is the run marker)
+    assert [p.name for p in out.rglob(".*")] == [".mfld-run"]
 
     # config.yaml: every field, and it parses to the resolved config
     cfg = cfgmod.validate(yaml.safe_load((out / "config.yaml").read_text()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import string
+from pathlib import Path
 
 import pytest
 import yaml
@@ -260,3 +261,122 @@ def test_resume_allows_only_steps_to_change():
     assert f"stored {stored.dynamics.eta!r}" in msg and "given 0.0123" in msg
     with pytest.raises(ConfigError, match="data.params.n"):
         cfgmod.check_resumable(stored, cfgmod.load(None, ["dynamics.steps=100", "data.params.n=10"]))
+
+
+# ------------------------------------------------------------------ issue 11: YAML, limits
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("2E5", 2e5), ("1.0e3", 1000.0), ("-3e-2", -0.03),
+                                         (".5e1", 5.0), ("1e+2", 100.0), ("0.001", 0.001), ("7", 7),
+                                         ("'1e-3'", "1e-3"), ("1e", "1e"), ("e3", "e3")])
+def test_yaml_numbers_with_exponents_are_numbers(text, value, tmp_path):
+    """YAML 1.2 floats (PyYAML's 1.1 resolver reads 1e-3 as a string): in files and in --set."""
+    assert cfgmod.parse_value(text) == value and type(cfgmod.parse_value(text)) is type(value)
+    p = tmp_path / "c.yaml"
+    p.write_text(f"x: {text}\n")
+    assert cfgmod.read_yaml(p) == {"x": value}
+
+
+def test_exponent_values_validate_where_numbers_are_expected(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("objective:\n  tau: 1e-3\n  lam: 5E-2\ndynamics:\n  eta: 2e-2\n")
+    cfg = cfgmod.load(p)
+    assert (cfg.objective.tau, cfg.objective.lam, cfg.dynamics.eta) == (1e-3, 5e-2, 2e-2)
+    assert cfgmod.load(None, ["objective.tau=1e-3"]).objective.tau == 1e-3
+    with pytest.raises(ConfigError, match="model.n_particles: invalid value 1000.0; allowed: an integer"):
+        cfgmod.load(None, ["model.n_particles=1e3"])  # an exponent is a float, not a count
+
+
+def test_duplicate_keys_are_refused_with_their_line(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("objective:\n  tau: 0.1\n  lam: 1\n  tau: 0.2\n")
+    with pytest.raises(ConfigError, match=r"config: YAML refused: duplicate key 'tau' at line 4"):
+        cfgmod.load(p)
+    # YAML merge keys are not duplicates: explicit keys override merged ones
+    assert cfgmod.safe_load("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")["other"] == {"x": 3, "y": 2}
+    with pytest.raises(ConfigError, match="duplicate key"):
+        cfgmod.parse_value("{a: 1, a: 2}")
+
+
+def test_hostile_yaml_is_refused_quickly(tmp_path):
+    import time
+
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
+    bomb = "\n".join(levels) + "\n"  # 9^9 = 387 million leaves in 600 bytes
+    cases = {"bomb.yaml": (bomb, "expands to more than"), "rec.yaml": ("a: &a [*a]\n", "recursive alias"),
+             "deep.yaml": ("a: " + "[" * 10000 + "]" * 10000 + "\n", "nested deeper"),
+             "big.yaml": ("# " + "x" * (cfgmod.MAX_YAML_BYTES + 10) + "\n", "larger than")}
+    for name, (text, fragment) in cases.items():
+        p = tmp_path / name
+        p.write_text(text)
+        t0 = time.perf_counter()
+        with pytest.raises(ConfigError, match=fragment) as info:
+            cfgmod.load(p)
+        assert time.perf_counter() - t0 < 2.0, name
+        assert len(str(info.value)) < 400
+    # the same bomb through --set: refused, and the message shows a truncated value
+    with pytest.raises(ConfigError, match="--set: override value refused") as info:
+        cfgmod.load(None, ["data.params.n={" + bomb.strip().replace("\n", ", ") + "}"])
+    assert len(str(info.value)) < 400
+    with pytest.raises(ConfigError, match="too long"):
+        cfgmod.load(None, ["name=" + "x" * (cfgmod.MAX_OVERRIDE_CHARS + 1)])
+
+
+def test_error_messages_never_expand_a_value():
+    """A value shown in a message is cut to a few levels and ~80 characters, whatever it is."""
+    from mfld.errors import short_repr
+
+    nested = [1]
+    for _ in range(40):
+        nested = [nested, nested]  # 2^40 leaves if expanded
+    err = ConfigError("bad", field="x", value=nested)
+    assert len(str(err)) < 200
+    assert len(short_repr("y" * 10**6)) <= 80 and len(short_repr({i: i for i in range(10**5)})) <= 80
+    with pytest.raises(ConfigError) as info:
+        cfgmod.validate({"objective": {"tau": nested}})
+    assert len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize("key, bad, suggestion", [
+    ("model.activation", "tahn", "tanh"), ("model.activation", "Sigmoid", "sigmoid"),
+    ("objective.loss", "logistc", "logistic"), ("precision", "float46", "float64"),
+    ("model.output", "bounde", "bounded"), ("model.scaling", "mean-field", "mean_field"),
+    ("data.kind", "teacher-student", "teacher_student"), ("record.certify_method", "quad", None),
+])
+def test_enumerated_values_suggest_the_nearest(key, bad, suggestion):
+    with pytest.raises(ConfigError) as info:
+        cfgmod.load(None, [f"{key}={bad}"])
+    msg = str(info.value)
+    assert msg.startswith(f"{key}: invalid value '{bad}'") and "allowed: one of" in msg
+    assert (f"did you mean '{suggestion}'?" in msg) if suggestion else ("did you mean" not in msg)
+
+
+def test_name_and_seed_limits():
+    assert cfgmod.validate({"name": "x" * cfgmod.MAX_NAME}).name == "x" * cfgmod.MAX_NAME
+    for bad in ("x" * (cfgmod.MAX_NAME + 1), "a\tb", "a\x00b", " ", "a\\b"):
+        with pytest.raises(ConfigError, match="name: "):
+            cfgmod.validate({"name": bad})
+    assert cfgmod.validate({"seed": cfgmod.MAX_SEED}).seed == 2**32 - 1
+    for bad in (2**32, 2**63, 2**64):
+        with pytest.raises(ConfigError, match=r"seed: invalid value \d+; allowed: an integer <= 4294967295"):
+            cfgmod.validate({"seed": bad})
+        with pytest.raises(ConfigError, match="data.seed"):
+            cfgmod.validate({"data": {"seed": bad}})
+
+
+def test_data_file_path_is_recorded_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = cfgmod.load(None, ["data.kind=file", "data.params.path=sub/d.csv"])
+    assert cfg.data.params["path"] == str(tmp_path / "sub" / "d.csv")
+    cfg2 = cfgmod.load(None, ["data.kind=file", "data.params.path=~/d.csv"])
+    assert cfg2.data.params["path"] == str(Path("~/d.csv").expanduser())
+    # the stored (absolute) config validates to itself from any directory
+    monkeypatch.chdir("/")
+    assert cfgmod.validate(cfg.to_dict()) == cfg
+
+
+def test_python_structures_that_share_lists_are_bounded_too():
+    shared = [1]
+    for _ in range(40):
+        shared = [shared, shared]
+    with pytest.raises(ConfigError, match="more than 100000 values"):
+        cfgmod.apply_overrides({"data": {"params": {"n": shared}}}, None)

@@ -186,7 +186,7 @@ def test_csv_named_columns(tmp_path):
 @pytest.mark.parametrize("content,kwargs,field,fragment", [
     ("a,y\n1,2\n", dict(y_column="target"), "data.params.y_column", "a, y"),
     ("a,y\n1,2\n", dict(x_columns=["a", "b"]), "data.params.x_columns", "'b'"),
-    ("a,y\n1,x2\n", {}, "data.params.path", "non-numeric value 'x2' in column 'y', line 2"),
+    ("a,y\n1,x2\n", {}, "data.params.path", "line 2: non-numeric value 'x2' in column 'y'"),
     ("a,y\n1,nan\n", {}, "data.params.path", "NaN/inf"),
     ("a,y\n1,inf\n", {}, "data.params.path", "NaN/inf"),
     ("", {}, "data.params.path", "empty"),
@@ -215,7 +215,7 @@ def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="y in .* 1 NaN/inf"):
         data.load_file(str(tmp_path / "b.npz"))
     np.savez(tmp_path / "c.npz", x=np.array(["a", "b"]), y=np.ones(2))
-    with pytest.raises(ConfigError, match="not numeric"):
+    with pytest.raises(ConfigError, match="holds text values"):
         data.load_file(str(tmp_path / "c.npz"))
     np.savez(tmp_path / "e.npz", x=np.ones((0, 2)), y=np.ones(0))
     with pytest.raises(ConfigError, match="empty"):
@@ -226,3 +226,25 @@ def test_file_errors(tmp_path):
     np.savez(tmp_path / "g.npz", x=np.ones((3, 2)), y=np.ones(3), x_test=np.ones((2, 2)))
     with pytest.raises(ConfigError, match="only one of x_test, y_test"):
         data.load_file(str(tmp_path / "g.npz"))
+
+
+def test_a_relative_data_path_works_from_any_directory(tmp_path, monkeypatch, capsys):
+    """The config records the data file's absolute path: `mfld plot` and `--resume` work from
+    another directory than the one the run started in."""
+    from mfld.cli import main
+
+    (tmp_path / "data").mkdir()
+    xs = np.linspace(-2, 2, 20)
+    (tmp_path / "data" / "d.csv").write_text("x,y\n" + "".join(f"{float(v)!r},{float(np.sin(v))!r}\n" for v in xs))
+    monkeypatch.chdir(tmp_path)
+    args = ["--set", "model.n_particles=16", "--set", "dynamics.steps=10", "--set", "record.every=5",
+            "--set", "record.certify_every=0", "--set", "record.optimum=false", "--quiet"]
+    main(["run", *args, "--set", "data.kind=file", "--set", "data.params.path=data/d.csv", "--out", "r"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run_dir = tmp_path / "r"
+    assert "data/d.csv" not in (run_dir / "config.yaml").read_text().replace(str(tmp_path / "data/d.csv"), "")
+    main(["plot", str(run_dir)])
+    main(["run", "--resume", str(run_dir), "--set", "dynamics.steps=20", "--quiet"])
+    assert "status=completed  steps=20" in capsys.readouterr().out

@@ -313,26 +313,29 @@ def test_an_unexpected_error_leaves_a_consistent_directory(tmp_path, monkeypatch
 
 
 def test_resume_takes_the_lock_before_reading_the_run(tmp_path, capsys, monkeypatch):
-    """A resume reads env.json, the checkpoint and metrics.csv only under the run lock: with
-    the lock held elsewhere it is refused before any of them is read."""
+    """A resume reads the checkpoint, metrics.csv and optimum.json only under the run lock, and
+    checks env.json (integrity, data hash) again there: with the lock held elsewhere it is
+    refused before any of them is read. (config.yaml, env.json and the data are checked once
+    before, without JAX, for a fast answer.)"""
     from mfld.app import runner
 
     run_dir = tmp_path / "r"
     main(["run", *BASE, "--set", "dynamics.steps=20", "--out", str(run_dir)])
     capsys.readouterr()
     reads = []
-    for name in ("_read_json", "_restore"):
+    for name in ("_read_resume", "_restore", "_read_optimum"):
         orig = getattr(runner, name)
         monkeypatch.setattr(runner, name, lambda *a, _n=name, _o=orig, **k: (reads.append(_n), _o(*a, **k))[1])
-    orig_metrics = rundir.read_metrics
-    monkeypatch.setattr(rundir, "read_metrics", lambda *a, **k: (reads.append("metrics"), orig_metrics(*a, **k))[1])
+    for mod, name in ((rundir, "read_metrics"), (rundir, "load_checkpoint")):
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _n=name, _o=orig, **k: (reads.append(_n), _o(*a, **k))[1])
     with RunLock(run_dir):  # held by a live process
         with pytest.raises(SystemExit) as info:
             main(["run", "--resume", str(run_dir), "--set", "dynamics.steps=40", "--quiet"])
     assert info.value.code == 2 and "in use by" in capsys.readouterr().err
     assert reads == []
     main(["run", "--resume", str(run_dir), "--set", "dynamics.steps=40", "--quiet"])  # free again: it reads
-    assert {"_read_json", "_restore", "metrics"} <= set(reads)
+    assert {"_read_resume", "_restore", "read_metrics", "load_checkpoint"} <= set(reads)
     assert checkpoint_step(run_dir) == 40
 
 
@@ -391,3 +394,215 @@ def test_suggest_step_size_rule(monkeypatch):
     curv.update(s0=float("nan"), s1=-3.0)  # nothing positive: halve, no curvature
     got = stability.suggest_step_size(None, 0.2, states)
     assert got["eta"] == 0.1 and got["curvature"] == -3.0
+
+
+# --------------------------------------------------------------------------- issue 11
+def test_first_signal_prints_the_resume_command_second_signal_one_line(tmp_path, cli_env):
+    """Ctrl-C: the run stops at the next record and prints the exact command that continues
+    it; a second Ctrl-C stops at once with one line, ``error: interrupted; resume with: ...``
+    (no empty line, not click's "Aborted!"), exit 130."""
+    run_dir = tmp_path / "two signals"  # a space: the printed command quotes the path
+    proc = spawn([*BASE[:-1], "--set", "record.every=200000", "--set", "record.checkpoint_every=0",
+                  "--set", "dynamics.chunk=100", "--set", "dynamics.steps=100000000", "--quiet",
+                  "--out", str(run_dir)], cli_env, tmp_path)
+    t0 = time.monotonic()
+    while not (run_dir / rundir.ENV).exists():
+        assert proc.poll() is None and time.monotonic() - t0 < 120, proc.communicate()
+        time.sleep(0.02)
+    time.sleep(1.0)  # compiled and stepping
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert err.splitlines() == [f"error: interrupted; resume with: mfld run --resume '{run_dir}'"], err
+    summary = json.loads((run_dir / rundir.SUMMARY).read_text())
+    assert summary["status"] == "interrupted" and "second signal" in summary["reason"]
+    assert not (run_dir / LOCK).exists()
+
+
+def test_resume_command_after_one_signal(tmp_path, cli_env):
+    run_dir = tmp_path / "one"
+    proc = spawn([*BASE, "--set", "dynamics.steps=1000000", "--out", str(run_dir)], cli_env, tmp_path)
+    wait_for_checkpoint(proc, run_dir, 50)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "", err
+    assert f"resume with: mfld run --resume {run_dir}" in out.splitlines(), out
+
+
+def _arrays_run(tmp_path, name="arrays"):
+    xs = np.linspace(-2, 2, 24)
+    res = mfld.run({"model": {"n_particles": 16}, "dynamics": {"steps": 20},
+                    "record": {"certify_every": 0, "optimum": False, "every": 10, "checkpoint_every": 10}},
+                   x=xs[:, None], y=np.sin(2 * xs), out=tmp_path / name, progress=False)
+    return res.run_dir, xs
+
+
+def test_python_api_resume_with_different_data_is_refused(tmp_path, monkeypatch):
+    """mfld.run(out=d, resume=True, x=..., y=...) or dataset=... on other data is refused, by
+    the check before JAX (inputs.check_resume_data) and, with that one disabled, by the one
+    under the run's lock -- so disabling the latter fails this test."""
+    from mfld import data
+    from mfld.app import inputs
+
+    run_dir, xs = _arrays_run(tmp_path)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    other = dict(x=xs[:, None], y=np.cos(xs))
+    other_ds = data.Dataset(xs[:, None], np.cos(xs), None, None, {"kind": "arrays"})
+    for kw in (other, {"dataset": other_ds}):
+        with pytest.raises(ConfigError, match="SHA-256 mismatch"):
+            mfld.run(out=run_dir, resume=True, overrides={"dynamics.steps": 40}, progress=False, **kw)
+    monkeypatch.setattr(inputs, "check_resume_data", lambda out, dataset: None)  # the early check off
+    for kw in (other, {"dataset": other_ds}):
+        with pytest.raises(ConfigError, match="SHA-256 mismatch") as info:
+            mfld.run(out=run_dir, resume=True, overrides={"dynamics.steps": 40}, progress=False, **kw)
+        assert info.value.field == "--resume"
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    # the same data resume
+    res = mfld.run(out=run_dir, resume=True, overrides={"dynamics.steps": 40}, progress=False,
+                   x=xs[:, None], y=np.sin(2 * xs))
+    assert res.summary["status"] == "completed" and res.summary["resumed_from_step"] == 20
+
+
+def test_integrity_record_follows_legitimate_resumes_and_refuses_edits(tmp_path, capsys):
+    """Resumes rewrite config.yaml (dynamics.steps) and env.json (resumes) and the marker with
+    them: two extensions in a row are accepted; an edit of eta in config.yaml is refused naming
+    the field, and the run is left as it was; a run without the marker (an older mfld) resumes
+    with a note and gets one."""
+    run_dir = tmp_path / "r"
+    main(["run", *BASE, "--set", "dynamics.steps=20", "--out", str(run_dir)])
+    main(["run", "--resume", str(run_dir), "--set", "dynamics.steps=30", "--quiet"])
+    main(["run", "--resume", str(run_dir), "--set", "dynamics.steps=40", "--quiet"])
+    env = json.loads((run_dir / rundir.ENV).read_text())
+    assert [r["from_step"] for r in env["resumes"]] == [20, 30]
+    capsys.readouterr()
+    cfg = run_dir / rundir.CONFIG
+    cfg.write_text(cfg.read_text().replace("eta: 0.02", "eta: 0.5"))
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--resume", str(run_dir), "--set", "dynamics.steps=50", "--quiet"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert "config.yaml: edited since the run wrote it at dynamics.eta" in err, err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    cfg.write_text(cfg.read_text().replace("eta: 0.5", "eta: 0.02"))  # undone: accepted again
+    (run_dir / rundir.MARKER).unlink()
+    main(["run", "--resume", str(run_dir), "--set", "dynamics.steps=50", "--quiet"])
+    s = json.loads((run_dir / rundir.SUMMARY).read_text())
+    assert s["final"]["step"] == 50 and any("no integrity record" in n for n in s["notes"])
+    assert rundir.read_marker(run_dir) is not None
+
+
+def test_summary_is_strict_json_and_files_follow_the_umask(tmp_path):
+    """NaN (e.g. the Monte Carlo-only columns of a quadrature certificate) is written as null,
+    so strict parsers read every JSON file; files get 0666 & ~umask, not mkstemp's 0600."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    old = os.umask(0o027)
+    try:
+        run_dir = tmp_path / "r"
+        main(["run", "--set", "record.every=10", "--set", "record.certify_every=10", "--set", "record.optimum=false",
+              "--set", "model.n_particles=30", "--set", "dynamics.steps=20", "--quiet", "--out", str(run_dir)])
+    finally:
+        os.umask(old)
+    summary = strict((run_dir / rundir.SUMMARY).read_text())
+    assert summary["final"]["ess"] is None and summary["final"]["pareto_k"] is None
+    for name in (rundir.ENV, rundir.MARKER):
+        strict((run_dir / name).read_text())
+    for p in [*run_dir.iterdir(), *(run_dir / "figures").iterdir()]:
+        if p.is_file():
+            assert p.stat().st_mode & 0o777 == 0o640, (p.name, oct(p.stat().st_mode))
+
+
+def test_default_run_directories_are_unique(tmp_path, monkeypatch):
+    """Two runs named alike in the same second get two directories (the name is reserved
+    with an atomic mkdir), and a run that fails before writing leaves no runs/ behind."""
+    from mfld.app import runner
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "default_out_dir", lambda cfg: Path("runs") / f"{cfg.name}-20260101-000000")
+    cfg = mfld.config.Config()
+    created = []
+    a = runner.reserve_default_dir(cfg, created)
+    b = runner.reserve_default_dir(cfg, created)
+    assert a != b and a.is_dir() and b.is_dir() and b.name == "run-20260101-000000-2"
+    shutil_rm = __import__("shutil").rmtree
+    shutil_rm(tmp_path / "runs")
+    r1 = mfld.run(overrides={"model.n_particles": 8, "dynamics.steps": 4, "record.every": 2,
+                             "record.certify_every": 0, "record.optimum": False}, progress=False)
+    r2 = mfld.run(overrides={"model.n_particles": 8, "dynamics.steps": 4, "record.every": 2,
+                             "record.certify_every": 0, "record.optimum": False}, progress=False)
+    assert r1.run_dir != r2.run_dir and r2.run_dir.name.endswith("-2")
+    assert r1.summary["status"] == r2.summary["status"] == "completed"
+
+
+def test_ntk_divergence_suggests_a_sane_step(tmp_path, capsys):
+    """Under NTK scaling the last finite state before a blow-up has a curvature ~1e7 times the
+    initial one; the suggestion ignores it (it used to say eta = 3e-14) and is stable."""
+    args = ["--set", "model.scaling=ntk", "--set", "model.n_particles=100", "--set", "dynamics.steps=200",
+            "--set", "record.every=10", "--set", "record.checkpoint_every=0", "--set", "record.certify_every=0",
+            "--set", "record.optimum=false", "--quiet"]
+    run_dir = tmp_path / "ntk"
+    with pytest.raises(SystemExit) as info:
+        main(["run", *args, "--set", "dynamics.eta=20", "--out", str(run_dir)])
+    assert info.value.code == 3
+    s = mfld.load_run(run_dir).summary
+    assert 0.1 < s["suggested_eta"] < 10 and s["curvature"] > 0
+    main(["run", *args, "--set", f"dynamics.eta={s['suggested_eta']!r}", "--out", str(run_dir), "--overwrite"])
+    assert mfld.load_run(run_dir).summary["status"] == "completed"
+
+
+def test_not_converging_note(monkeypatch):
+    """A completed run whose gap oscillates without falling over the last half, at a step
+    beyond the stability limit 2/mu, gets a note naming a stable step; a falling gap, or a
+    plateau at a stable step, gets none. (The rule, with a fixed curvature mu; the curvature
+    itself is tested against the dense Hessian above.)"""
+    from mfld import dynamics, stability
+    from mfld.app import runner
+
+    mu = 0.8
+    monkeypatch.setattr(runner, "drift_curvature", lambda problem, a, w: mu)
+    monkeypatch.setattr(stability, "drift_curvature", lambda problem, a, w: mu)
+    st = dynamics.ParticleState(np.zeros(64), np.zeros((64, 2)), 0, None)
+    steps = np.arange(0, 410, 10)
+    rng = np.random.default_rng(0)
+    oscillating = {"step": steps, "gap": 0.3 + 0.7 * rng.random(steps.size)}
+    falling = {"step": steps, "gap": np.exp(-steps / 100)}
+    unstable = mfld.config.validate({"dynamics": {"eta": 4.0 / mu}})
+    stable = mfld.config.validate({"dynamics": {"eta": 0.5 / mu}})
+    note = runner._convergence_note(unstable, None, oscillating, [st, st])
+    assert note and "not converging" in note and "stability limit 2/mu = 2.5" in note
+    assert "a stable step is dynamics.eta=1.25 " in note  # 1/mu: half the limit
+    assert runner._convergence_note(unstable, None, falling, [st, st]) is None
+    assert runner._convergence_note(stable, None, oscillating, [st, st]) is None
+    assert runner._convergence_note(unstable, None, {"step": steps[:5], "gap": oscillating["gap"][:5]},
+                                    [st, st]) is None
+
+
+def test_the_directory_is_checked_again_under_the_lock(tmp_path, monkeypatch, capsys):
+    """Two runs into one directory, the second one delayed: the first finishes between the
+    second one's early check and its lock. The second one must see the finished run under the
+    lock and refuse it (without --overwrite), leaving it byte for byte."""
+    import shutil
+
+    from mfld.app import lock as lockmod
+
+    done = tmp_path / "done"
+    main(["run", *BASE, "--set", "dynamics.steps=20", "--out", str(done)])
+    target = tmp_path / "target"
+    orig = lockmod.RunLock.acquire
+
+    def first_run_finishes_meanwhile(self):
+        if self.path.parent == target and not (target / rundir.CONFIG).exists():
+            shutil.copytree(done, target, dirs_exist_ok=True)
+        return orig(self)
+
+    monkeypatch.setattr(lockmod.RunLock, "acquire", first_run_finishes_meanwhile)
+    before = {p.name: p.read_bytes() for p in done.iterdir() if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["run", *BASE, "--set", "dynamics.steps=20", "--out", str(target)])
+    assert info.value.code == 2 and "not empty" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before

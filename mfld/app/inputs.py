@@ -7,6 +7,7 @@ them that can be made before anything is written or JAX is imported.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +34,15 @@ class Prepared:
 
 
 def prepare(config=None, overrides=None, *, out=None, resume: bool = False, x=None, y=None, x_test=None,
-            y_test=None, dataset=None) -> Prepared:
-    """Resolve the config (a resume: checked against the stored one), build the data (a resume:
-    the run's own stored arrays or data file) and check both (:func:`check_data`,
-    :func:`check_run_setup`). No JAX."""
+            y_test=None, dataset=None, overwrite: bool = False, check_dir: bool = True) -> Prepared:
+    """Resolve the config (a resume: checked against the stored one and its integrity record),
+    build the data (a resume: the run's own stored arrays or data file, which must have the
+    SHA-256 the run recorded) and check both (:func:`check_data`, :func:`check_run_setup`,
+    :func:`check_resources`), and the run directory (:func:`check_out_dir`). No JAX, nothing
+    written. ``check_dir=False``: leave the run directory to the runner (a process of a
+    multi-process run that does not write it)."""
+    if out is not None and check_dir:
+        check_out_dir(out, overwrite=overwrite, resume=resume)
     cfg = resolve_resume_config(out, config, overrides) if resume else resolve_config(config, overrides)
     if dataset is None:
         if resume and x is None and y is None:
@@ -47,7 +53,113 @@ def prepare(config=None, overrides=None, *, out=None, resume: bool = False, x=No
             dataset = make_dataset(cfg, x, y, x_test, y_test)
     check_data(cfg, dataset)
     check_run_setup(cfg, dataset)
+    check_resources(cfg, dataset)
+    if resume:
+        check_resume_data(out, dataset)
     return Prepared(cfg, dataset, None if out is None else Path(out), bool(resume))
+
+
+# ---------------------------------------------------------------------------------------
+# The run directory
+# ---------------------------------------------------------------------------------------
+
+def out_path(out) -> Path:
+    """``out`` as a Path; an empty path (which would mean the current directory) is refused."""
+    if out is None or (isinstance(out, str) and not out.strip()):
+        raise ConfigError("empty run directory path", field="--out", value="" if out is None else out,
+                          allowed="a directory name, e.g. --out runs/first")
+    text = str(out)
+    if "\0" in text:
+        raise ConfigError("invalid run directory path", field="--out", value=text, allowed="a directory name")
+    return Path(text)
+
+
+def _entries(d: Path) -> list[os.DirEntry]:
+    """A directory's entries other than a regular-file lock (a symlink named .lock counts)."""
+    from mfld.app.lock import LOCK
+
+    try:
+        entries = list(os.scandir(d))
+    except OSError as err:
+        raise ConfigError(f"cannot list the run directory ({err.strerror or err})", field="--out",
+                          value=str(d)) from None
+    return [e for e in entries if not (e.name == LOCK and e.is_file(follow_symlinks=False))]
+
+
+def check_out_dir(out, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Refuse a run directory that would be clobbered or cannot be one; writes nothing.
+
+    - an empty path is refused; so is the current directory (or one above it) for a new run
+      or ``--overwrite`` (``mfld run --resume .`` is fine);
+    - a path that is a file, or a directory that cannot be listed, is refused;
+    - a new run needs a missing or empty directory (a lone regular ``.lock`` counts as empty,
+      anything else -- a symbolic link included -- does not);
+    - ``--overwrite`` clears only a directory that holds an mfld run
+      (:func:`mfld.app.rundir.is_run_dir`: its marker file), never anything else.
+
+    The runner calls it again holding the directory's lock (the directory may have changed).
+    """
+    from mfld.app import rundir
+
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other", field="--overwrite",
+                          allowed="one of --resume (continue) or --overwrite (start again)")
+    d = out_path(out)
+    if not resume:
+        try:
+            here = Path.cwd().resolve()
+            target = d.resolve()
+        except (OSError, RuntimeError):
+            here = target = None
+        if target is not None and (target == here or target in here.parents):
+            raise ConfigError("the run directory is the current directory (or contains it)", field="--out",
+                              value=str(out), allowed="a new subdirectory, e.g. --out runs/first")
+    try:
+        is_dir, exists = d.is_dir(), d.exists() or d.is_symlink()
+    except (OSError, ValueError):
+        raise ConfigError("invalid run directory path", field="--out", value=str(out),
+                          allowed="a directory name") from None
+    if exists and not is_dir:
+        raise ConfigError("run directory path is a file" if d.exists() else "run directory path is a broken link",
+                          field="--out", value=str(d), allowed="a new or existing directory")
+    if resume or not exists:
+        return d  # resolve_resume_config checks that a run is there
+    if not _entries(d):
+        return d
+    if not overwrite:
+        raise ConfigError("run directory already exists and is not empty", field="--out", value=str(d),
+                          allowed="a new directory, or --resume / --overwrite")
+    if not rundir.is_run_dir(d):
+        raise ConfigError("--overwrite refused: the directory does not hold an mfld run (no run marker), "
+                          "so nothing in it is deleted", field="--out", value=str(d),
+                          allowed="a run directory, or a new or empty directory")
+    return d
+
+
+def check_resume_data(out, dataset) -> None:
+    """A resume's data must have the SHA-256 recorded in ``env.json`` (which must be intact:
+    :func:`mfld.app.rundir.check_integrity`). Checked before JAX starts; the runner checks
+    again holding the lock."""
+    env = read_run_env(out)
+    recorded = env.get("data_sha256")
+    if recorded is not None and recorded != data_fingerprint(dataset):
+        raise ConfigError("the data differ from the stored run's (SHA-256 mismatch)", field="--resume",
+                          value=str(out), allowed="the same data as the interrupted run")
+
+
+def read_run_env(out) -> dict:
+    """``env.json`` of the run in ``out``, checked against the run's integrity record ({} for a
+    run without env.json: killed before writing it)."""
+    from mfld.app import rundir
+
+    p = Path(out) / rundir.ENV
+    if not p.exists():
+        return {}
+    env = rundir.read_json(p)
+    rundir.check_integrity(out, rundir.ENV, env, rundir.read_marker(out))
+    if "data_sha256" in env and not (isinstance(env["data_sha256"], str) and len(env["data_sha256"]) == 64):
+        raise rundir.RunFileError(p, f"data_sha256 is {env['data_sha256']!r:.40}", "a SHA-256 hex digest")
+    return env
 
 
 def resolve_config(config=None, overrides=None) -> cfgmod.Config:
@@ -65,14 +177,14 @@ def resolve_resume_config(out, config=None, overrides=None) -> cfgmod.Config:
     fields in :data:`mfld.config.RESUME_MAY_CHANGE` (``dynamics.steps`` extends a run)."""
     if out is None:
         raise ConfigError("--resume needs the run directory", field="--resume", allowed="--out RUN_DIR")
-    path = Path(out) / rundir.CONFIG
+    out = out_path(out)
+    path = out / rundir.CONFIG
     if not path.is_file():
         raise ConfigError("nothing to resume: no run in this directory", field="--resume", value=str(out),
                           allowed="a run directory holding config.yaml")
-    try:
-        stored = cfgmod.validate(cfgmod.read_yaml(path))
-    except ConfigError as err:
-        raise ConfigError(f"the stored config is not valid ({err})", field="--resume", value=str(path)) from None
+    stored_dict = rundir.read_config(path)
+    rundir.check_integrity(out, rundir.CONFIG, stored_dict, rundir.read_marker(out))
+    stored = cfgmod.validate(stored_dict)
     if config is None:
         given = cfgmod.validate(cfgmod.apply_overrides(stored.to_dict(), overrides))
     else:
@@ -88,9 +200,15 @@ def make_dataset(cfg: cfgmod.Config, x=None, y=None, x_test=None, y_test=None):
     if x is not None or y is not None:
         if x is None or y is None:
             raise ConfigError("give both x and y", field="data")
+        for name, arr in (("x", x), ("y", y), ("x_test", x_test), ("y_test", y_test)):
+            kind = getattr(np.asarray(arr) if arr is not None else None, "dtype", np.dtype(float)).kind
+            if kind not in "biuf":
+                raise ConfigError(f"{name} holds non-real values (dtype kind {kind!r})", field=f"data.{name}",
+                                  allowed="an array of real numbers")
         return data.Dataset(np.asarray(x), np.asarray(y),
                             None if x_test is None else np.asarray(x_test),
                             None if y_test is None else np.asarray(y_test), {"kind": "arrays"})
+    check_resources(cfg)  # before the generator allocates n x d (a data file checks its own size)
     seed = cfg.seed if cfg.data.seed is None else cfg.data.seed
     return data.make_dataset(cfg.data.kind, seed=seed, **cfg.data.params)
 
@@ -164,12 +282,90 @@ def _csv_input_names(cfg) -> list | None:
 
 
 def validate_inputs(config=None, overrides=None):
-    """Everything ``mfld validate`` checks, without JAX: the config, then its data."""
+    """Everything ``mfld validate`` checks, without JAX: the config, its resources, its data."""
     cfg = resolve_config(config, overrides)
     dataset = make_dataset(cfg)
     check_data(cfg, dataset)
     check_run_setup(cfg, dataset)
+    check_resources(cfg, dataset)
     return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Resources
+# ---------------------------------------------------------------------------------------
+
+def _count(v) -> int | None:
+    """A size parameter as an int, if it is a plain non-negative number (else the generator's
+    own check reports it)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return None
+    if not np.isfinite(v) or v < 0:
+        return None
+    return int(min(v, 2 ** 62))
+
+
+def planned_sizes(cfg: cfgmod.Config, dataset=None) -> dict:
+    """(n, n_test, n_inputs) of the run's data: from the dataset, or before it exists from the
+    generator's parameters (a data file: unknown, 0)."""
+    import inspect
+
+    from mfld import data
+
+    if dataset is not None:
+        x = np.asarray(dataset.x)
+        d = 1 if x.ndim == 1 else int(x.shape[-1])
+        nt = 0 if dataset.x_test is None else int(np.asarray(dataset.x_test).shape[0])
+        return {"n": int(x.shape[0]), "n_test": nt, "d": d}
+    kind = cfg.data.kind
+    if kind in ("file", "sklearn") or kind not in data.GENERATORS:
+        return {"n": 0, "n_test": 0, "d": 1 if kind == "file" else 30}
+    sig = inspect.signature(data.GENERATORS[kind]).parameters
+    out = {}
+    for k in ("n", "n_test", "d"):
+        default = sig[k].default if k in sig else 0
+        v = _count(cfg.data.params.get(k, default))
+        out[k] = 0 if v is None else v
+    return out
+
+
+def check_resources(cfg: cfgmod.Config, dataset=None) -> None:
+    """Refuse a run whose memory estimate (:func:`mfld.resources.run_memory`: particles x
+    dimension x dtype, the drift's temporaries up to its memory budget, train and test data,
+    Monte Carlo samples of the certificates) exceeds the memory available to this process
+    (:func:`mfld.resources.available_memory`). Before anything is written or allocated
+    (``dataset=None``: from the generator's parameters, before the data are made)."""
+    from mfld import resources
+
+    avail = resources.available_memory()
+    if avail is None:
+        return
+    s = planned_sizes(cfg, dataset)
+    p = s["d"] + (1 if cfg.model.bias else 0)
+    certs = certificates_on(cfg) and (cfg.record.certify_method == "mc" or p > 2)
+    need = resources.run_memory(n_particles=int(cfg.model.n_particles), dim_w=p,
+                                itemsize=8 if cfg.precision == "float64" else 4, n_data=s["n"],
+                                n_test=s["n_test"], n_inputs=s["d"],
+                                certify_samples=int(cfg.record.certify_samples) if certs else 0)
+    total = sum(need.values())
+    if total <= avail:
+        return
+    field, biggest = max(need.items(), key=lambda kv: kv[1])
+    if field == "data":
+        big = max(("n", "n_test"), key=lambda k: s[k])
+        field = f"data.params.{big}" if dataset is None else "data"
+        value = cfg.data.params.get(big, s[big]) if dataset is None else \
+            f"{s['n']} + {s['n_test']} points x {s['d']} inputs"
+        what = "the data"
+    elif field == "model.n_particles":
+        value = int(cfg.model.n_particles)
+        what = f"{value} particles x dimension {p + 1} ({cfg.precision})"
+    else:
+        value = int(cfg.record.certify_samples)
+        what = f"{value} Monte Carlo samples"
+    raise ConfigError(f"{what} need ~{resources.human(biggest)} (the run ~{resources.human(total)}), more than "
+                      f"the {resources.human(avail)} of memory available", field=field, value=value,
+                      allowed=f"a run that fits in {resources.human(avail)} (see docs/runs.md, Resources)")
 
 
 def build_problem(cfg: cfgmod.Config, dataset):

@@ -13,6 +13,7 @@ at another time (pid reuse). A lock from another host is then never taken over a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -26,6 +27,7 @@ except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None
 
 LOCK = ".lock"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def _start_time(pid: int) -> str | None:
@@ -58,8 +60,10 @@ def owner_info() -> dict:
 def read_lock(path: str | Path) -> dict | None:
     """The owner recorded in a lock file, or None if the file is missing or unreadable."""
     try:
-        info = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            info = json.loads(f.read(4096).decode("utf-8", "replace"))
+    except (OSError, ValueError, RecursionError):
         return None
     return info if isinstance(info, dict) else None
 
@@ -98,14 +102,27 @@ class RunLock:
         return ConfigError(f"run directory is in use by {who}", field="--out", value=str(self.path.parent),
                            allowed=f"wait for that run to finish (or stop it); {LOCK} is released on exit")
 
+    def _open(self, flags: int) -> int:
+        """``os.open`` of the lock file that never follows a symlink planted in its place."""
+        try:
+            return os.open(self.path, flags | _NOFOLLOW, 0o644)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.EMLINK) or self.path.is_symlink():
+                raise ConfigError(f"{LOCK} is a symbolic link; refusing to follow it", field="--out",
+                                  value=str(self.path.parent),
+                                  allowed=f"a run directory whose {LOCK} is a regular file (remove the link)") from None
+            raise
+
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_symlink():
+            self._open(os.O_RDONLY)  # raises the one-line refusal
         return self._acquire_flock() if fcntl is not None else self._acquire_excl()
 
     def _acquire_flock(self) -> RunLock:
         for _ in range(5):
             existed = self.path.exists()
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            fd = self._open(os.O_CREAT | os.O_RDWR)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -129,7 +146,7 @@ class RunLock:
     def _acquire_excl(self) -> RunLock:  # pragma: no cover - non-POSIX fallback
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = self._open(os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 info = read_lock(self.path)
                 if not is_stale(info):

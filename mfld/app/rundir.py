@@ -11,18 +11,29 @@ Layout of a run directory::
     data.npz         the data, when the run was given arrays (x, y) rather than a data kind
     figures/*.png
     .lock            while a process writes the run (see mfld.app.lock)
+    .mfld-run        the marker: this directory holds an mfld run (``--overwrite`` clears
+                     nothing else), and the integrity record of config.yaml and env.json
 
-Every file is written atomically: to a temporary file in the same directory, then renamed.
+Every file is written atomically: to a temporary file in the same directory, then renamed;
+files get the permissions the umask gives (0666 & ~umask), not the temporary file's 0600.
+JSON is strict (RFC 8259): NaN and infinities are written as ``null``.
+
+Every reader (:func:`read_metrics`, :func:`read_json`, :func:`load_checkpoint`,
+:func:`read_config`, :func:`load_run`) answers damaged content with a :class:`RunFileError`:
+one line naming the file, the place (line, column, key) and what is allowed.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime as _dt
+import hashlib
 import io
 import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mfld.errors import ConfigError, short_repr
+
 METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.npz"
 SUMMARY = "summary.json"
@@ -38,6 +51,34 @@ CONFIG = "config.yaml"
 ENV = "env.json"
 OPTIMUM = "optimum.json"
 DATA = "data.npz"
+MARKER = ".mfld-run"
+#: Largest run file a reader parses as text (JSON, YAML); metrics.csv has no limit.
+MAX_TEXT_BYTES = 64 << 20
+#: The temporary files of :func:`atomic_write_bytes` (``.NAME.XXXXXXXX.tmp``).
+TEMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+class RunFileError(ConfigError):
+    """A run directory's file with content a reader cannot use: ``field`` is the file, the
+    message says where (line, column, key) and what is wrong."""
+
+    def __init__(self, path, message: str, allowed: str | None = None):
+        super().__init__(message, field=str(path), allowed=allowed)
+        self.path = Path(path)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -49,6 +90,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            if hasattr(os, "fchmod"):  # mkstemp's 0600 -> what the umask gives any new file
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -63,23 +106,34 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def json_text(obj) -> str:
+    """Strict JSON (RFC 8259) of ``obj``: NaN and infinities become ``null``."""
+    return json.dumps(jsonable(obj, nonfinite_as_null=True), indent=2, allow_nan=False) + "\n"
+
+
 def write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(jsonable(obj), indent=2, allow_nan=True) + "\n")
+    """``obj`` as strict JSON (:func:`json_text`), atomically."""
+    atomic_write_text(path, json_text(obj))
 
 
-def jsonable(o, *, nonfinite_as_str: bool = False):
+def jsonable(o, *, nonfinite_as_str: bool = False, nonfinite_as_null: bool = False):
     """``o`` with NumPy arrays/scalars, tuples and dict keys made JSON-native (recursively).
-    ``nonfinite_as_str``: nan/inf floats become the strings "nan", "inf", "-inf" (strict JSON)."""
+    ``nonfinite_as_str``: nan/inf floats become the strings "nan", "inf", "-inf";
+    ``nonfinite_as_null``: they become None (``null``). Either gives strict JSON."""
+    kw = dict(nonfinite_as_str=nonfinite_as_str, nonfinite_as_null=nonfinite_as_null)
     if isinstance(o, dict):
-        return {str(k): jsonable(v, nonfinite_as_str=nonfinite_as_str) for k, v in o.items()}
+        return {str(k): jsonable(v, **kw) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [jsonable(v, nonfinite_as_str=nonfinite_as_str) for v in o]
+        return [jsonable(v, **kw) for v in o]
     if isinstance(o, np.ndarray):
-        return jsonable(o.tolist(), nonfinite_as_str=nonfinite_as_str)
+        return jsonable(o.tolist(), **kw)
     if isinstance(o, (np.floating, np.integer, np.bool_)):
         o = o.item()
-    if nonfinite_as_str and isinstance(o, float) and not math.isfinite(o):
-        return str(o)
+    if isinstance(o, float) and not math.isfinite(o):
+        if nonfinite_as_null:
+            return None
+        if nonfinite_as_str:
+            return str(o)
     return o
 
 
@@ -109,17 +163,65 @@ def write_metrics(path, columns: dict) -> None:
 
 
 def read_metrics(path) -> dict:
-    """Read ``metrics.csv`` into a dict of NumPy arrays (``step`` as int64)."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    """Read ``metrics.csv`` into a dict of NumPy arrays (``step`` as int64).
+
+    Refused with a :class:`RunFileError` naming the line and column: text that is not UTF-8
+    or not CSV, an empty file, a header without ``step`` or with a name twice, a row with the
+    wrong number of fields, a value that is not a number (``nan``/``inf`` are numbers), a step
+    that is not a non-negative integer, steps that do not increase."""
+    path = Path(path)
+    allowed = "the metrics.csv a run wrote (a header with step, then one row of numbers per record)"
+    csv.field_size_limit(1 << 20)
+    try:
+        fh = open(path, newline="", encoding="utf-8")
+    except OSError as e:
+        raise RunFileError(path, f"cannot read the file ({e.strerror or e})") from None
+    rows = []
+    with fh:
+        reader = csv.reader(fh)
+        try:
+            for row in reader:
+                rows.append((reader.line_num, row))
+        except csv.Error as e:
+            raise RunFileError(path, f"line {reader.line_num}: not readable as CSV ({short_repr(str(e), 60)})",
+                               allowed) from None
+        except UnicodeDecodeError:
+            raise RunFileError(path, f"line {reader.line_num + 1}: not UTF-8 text", allowed) from None
     if not rows:
-        return {}
-    names, body = rows[0], rows[1:]
+        raise RunFileError(path, "the file is empty (no header)", allowed)
+    hline, names = rows[0]
+    if "step" not in names:
+        raise RunFileError(path, f"line {hline}: the header has no 'step' column", allowed)
+    for j, k in enumerate(names):
+        if not k or names.index(k) != j:
+            raise RunFileError(path, f"line {hline}: column {j + 1} of the header is "
+                                     f"{'empty' if not k else 'a repeated name ' + short_repr(k, 30)}", allowed)
+    cols = [[] for _ in names]
+    isstep = [k == "step" for k in names]
+    for line, row in rows[1:]:
+        if len(row) != len(names):
+            raise RunFileError(path, f"line {line}: {len(row)} fields, the header has {len(names)}", allowed)
+        for j, v in enumerate(row):
+            try:
+                if isstep[j]:
+                    x = int(v)
+                    if x < 0 or x >= 2 ** 62:
+                        raise ValueError
+                else:
+                    x = float(v)
+            except ValueError:
+                what = "a non-negative integer" if isstep[j] else "a number"
+                raise RunFileError(path, f"line {line}, column {short_repr(names[j], 30)}: {short_repr(v, 30)} is "
+                                         f"not {what}", allowed) from None
+            cols[j].append(x)
     out = {}
     for j, k in enumerate(names):
-        vals = [r[j] for r in body]
-        out[k] = np.array([int(v) for v in vals], dtype=np.int64) if k == "step" else \
-            np.array([float(v) for v in vals], dtype=np.float64)
+        out[k] = np.array(cols[j], dtype=np.int64 if isstep[j] else np.float64)
+    steps = out["step"]
+    if steps.size > 1 and np.any(np.diff(steps) <= 0):
+        i = int(np.nonzero(np.diff(steps) <= 0)[0][0]) + 1
+        raise RunFileError(path, f"line {rows[i + 1][0]}: step {int(steps[i])} does not follow step "
+                                 f"{int(steps[i - 1])}", "steps that increase from row to row")
     return out
 
 
@@ -131,9 +233,218 @@ def save_checkpoint(path, a, w, step: int, key_data, extra: dict | None = None) 
     atomic_write_bytes(path, buf.getvalue())
 
 
+#: Largest step a checkpoint may hold (the particle state counts steps in int32).
+MAX_STEP = 2 ** 31 - 1
+
+
 def load_checkpoint(path) -> dict:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    """The arrays of a checkpoint, checked: ``a`` (N,) and ``w`` (N, p) finite floats,
+    ``step`` an integer in 0..2^31-1, ``key_data`` unsigned integers. Anything else (a damaged
+    file, a missing or extra-dimensional array, a pickled object) is a :class:`RunFileError`."""
+    path = Path(path)
+    allowed = "a checkpoint.npz written by mfld (a, w, step, key_data)"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ck = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise RunFileError(path, "no checkpoint file", allowed) from None
+    except Exception as e:  # noqa: BLE001 - a damaged zip, a bad header, an object array ...
+        raise RunFileError(path, f"not a readable checkpoint ({type(e).__name__}: {short_repr(str(e), 50)})",
+                           allowed) from None
+    missing = [k for k in ("a", "w", "step", "key_data") if k not in ck]
+    if missing:
+        raise RunFileError(path, f"no array {', '.join(map(repr, missing))} in the checkpoint", allowed)
+    a, w, step, kd = ck["a"], ck["w"], ck["step"], ck["key_data"]
+    for name, arr, ndim in (("a", a, 1), ("w", w, 2)):
+        if arr.dtype not in (np.float32, np.float64) or arr.ndim != ndim:
+            raise RunFileError(path, f"array {name!r} has dtype {arr.dtype} and shape {arr.shape}",
+                               f"a float32/float64 array of {ndim} dimension(s)")
+        if not np.all(np.isfinite(arr)):
+            raise RunFileError(path, f"array {name!r} holds NaN or inf", "finite particles")
+    if a.shape[0] != w.shape[0] or a.dtype != w.dtype:
+        raise RunFileError(path, f"arrays 'a' {a.shape} {a.dtype} and 'w' {w.shape} {w.dtype} do not match", allowed)
+    if step.ndim != 0 or step.dtype.kind not in "iu" or not 0 <= int(step) <= MAX_STEP:
+        shown = short_repr(step.tolist() if step.size < 8 else step.shape, 40)
+        raise RunFileError(path, f"'step' is {shown}", f"an integer step in 0..{MAX_STEP}")
+    if kd.dtype.kind != "u" or kd.ndim != 1 or kd.size == 0:
+        raise RunFileError(path, f"'key_data' has dtype {kd.dtype} and shape {kd.shape}",
+                           "the key data of jax.random.key_data (unsigned integers)")
+    return ck
+
+
+def read_text(path, limit: int = MAX_TEXT_BYTES) -> str:
+    """A run file's text (UTF-8, at most ``limit`` bytes), or a :class:`RunFileError`."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise RunFileError(path, f"cannot read the file ({e.strerror or e})") from None
+    if len(raw) > limit:
+        raise RunFileError(path, f"larger than {limit} bytes", "the file the run wrote")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise RunFileError(path, f"line {line}: not UTF-8 text", "the file the run wrote") from None
+
+
+def read_json(path, *, required: tuple = ()) -> dict:
+    """A run's JSON file as a dict (``NaN``/``Infinity`` of older files accepted, ``null`` is
+    None); a :class:`RunFileError` naming the line and column of a syntax error, a top level
+    that is not an object, or a missing ``required`` key."""
+    path = Path(path)
+    text = read_text(path)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RunFileError(path, f"line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})",
+                           "the JSON file the run wrote") from None
+    except RecursionError:
+        raise RunFileError(path, "nested too deeply", "the JSON file the run wrote") from None
+    if not isinstance(obj, dict):
+        raise RunFileError(path, f"the top level is a JSON {type(obj).__name__}, not an object",
+                           "the JSON object the run wrote")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise RunFileError(path, f"no key {missing[0]!r}", "the JSON object the run wrote")
+    return obj
+
+
+def read_config(path) -> dict:
+    """The stored ``config.yaml`` as a validated config dict (:func:`mfld.config.validate`);
+    problems name the file (and the line or the field)."""
+    import yaml
+
+    from mfld import config as cfgmod
+
+    path = Path(path)
+    text = read_text(path, cfgmod.MAX_YAML_BYTES)
+    try:
+        data = cfgmod.safe_load(text)
+    except cfgmod._YAMLProblem as e:  # noqa: SLF001
+        raise RunFileError(path, f"YAML refused: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise RunFileError(path, f"line {mark.line + 1 if mark is not None else '?'}: not valid YAML",
+                           "the config.yaml the run wrote") from None
+    if not isinstance(data, dict):
+        raise RunFileError(path, "not a mapping of config sections", "the config.yaml the run wrote")
+    try:
+        return cfgmod.validate(data).to_dict()
+    except ConfigError as err:
+        raise RunFileError(path, str(err)) from None
+
+
+def remove_temporaries(run_dir) -> list[str]:
+    """Delete the temporary files an interrupted :func:`atomic_write_bytes` left in a run
+    directory (and its ``snapshots``/``figures``); only call it holding the run's lock."""
+    removed = []
+    run_dir = Path(run_dir)
+    for d in (run_dir, run_dir / "snapshots", run_dir / "figures"):
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            if TEMP_PATTERN.match(e.name) and e.is_file(follow_symlinks=False):
+                try:
+                    os.unlink(e.path)
+                    removed.append(os.path.relpath(e.path, run_dir))
+                except OSError:
+                    pass
+    return sorted(removed)
+
+
+# ---------------------------------------------------------------------------------------
+# The marker and the integrity record
+# ---------------------------------------------------------------------------------------
+
+def _canonical(value) -> str:
+    return json.dumps(jsonable(value, nonfinite_as_str=True), sort_keys=True, separators=(",", ":"))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def digest(content: dict) -> dict:
+    """The integrity record of a parsed run file (config or environment): the SHA-256 of its
+    canonical JSON and a short digest per (flattened) field, to name the field that changed."""
+    flat = _flat(content)
+    return {"sha256": hashlib.sha256(_canonical(content).encode()).hexdigest(),
+            "fields": {k: hashlib.sha256(_canonical(v).encode()).hexdigest()[:16] for k, v in sorted(flat.items())}}
+
+
+def read_marker(run_dir) -> dict | None:
+    """The marker of a run directory (None if there is none); a damaged one is a RunFileError."""
+    path = Path(run_dir) / MARKER
+    if not path.is_file() or path.is_symlink():
+        return None
+    marker = read_json(path)
+    if marker.get("mfld_run") != 1 or not isinstance(marker.get("integrity", {}), dict):
+        raise RunFileError(path, "not an mfld run marker", "the marker the run wrote")
+    return marker
+
+
+def write_marker(run_dir, records: dict, previous: dict | None = None) -> None:
+    """Write the marker with the integrity ``records`` ({file name: :func:`digest`}). Files in
+    ``previous`` ({name: digest of the content on disk now}) are about to be rewritten: both
+    their old and their new content are accepted until the next :func:`write_marker` (a
+    crash in between leaves a run that resumes)."""
+    path = Path(run_dir) / MARKER
+    old = {}
+    try:
+        old = read_marker(run_dir) or {}
+    except ConfigError:
+        old = {}
+    integrity = {}
+    for name, rec in records.items():
+        entry = dict(rec)
+        if previous and name in previous and previous[name]["sha256"] != rec["sha256"]:
+            entry["also"] = [previous[name]["sha256"]]
+        integrity[name] = entry
+    marker = {"mfld_run": 1, "created": old.get("created") or _dt.datetime.now().isoformat(timespec="seconds"),
+              "integrity": integrity}
+    atomic_write_text(path, json_text(marker))
+
+
+def check_integrity(run_dir, name: str, content: dict, marker: dict | None) -> None:
+    """Refuse a run file (``name``, parsed ``content``) that differs from the integrity record
+    in the marker, naming the first field that changed. Nothing to check without a record."""
+    rec = ((marker or {}).get("integrity") or {}).get(name)
+    if not isinstance(rec, dict):
+        return
+    now = digest(content)
+    if now["sha256"] == rec.get("sha256") or now["sha256"] in (rec.get("also") or []):
+        return
+    fields, old = now["fields"], rec.get("fields") or {}
+    changed = [k for k in sorted(set(fields) | set(old)) if fields.get(k) != old.get(k)]
+    where = f" at {changed[0]}" + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "") if changed else ""
+    raise RunFileError(Path(run_dir) / name, f"edited since the run wrote it{where}",
+                       "the file as the run wrote it (start a new run, or --overwrite, to change settings)")
+
+
+def is_run_dir(path) -> bool:
+    """Whether ``path`` holds an mfld run: the marker, or (runs written before it existed) a
+    ``config.yaml`` next to an ``env.json`` that names the mfld version and the data hash."""
+    p = Path(path)
+    if (p / MARKER).is_file() and not (p / MARKER).is_symlink():
+        return True
+    if not ((p / CONFIG).is_file() and (p / ENV).is_file()):
+        return False
+    try:
+        env = read_json(p / ENV)
+    except ConfigError:
+        return False
+    return "mfld" in env and "data_sha256" in env
 
 
 def git_hash() -> str | None:
@@ -210,19 +521,19 @@ class RunRecord:
 
 
 def load_run(run_dir) -> RunRecord:
-    """Load a run directory: config, metrics (as a table), summary and final particles."""
-    import yaml
+    """Load a run directory: config, metrics (as a table), summary and final particles.
 
-    from mfld.errors import ConfigError
-
+    Damaged files are refused with one line naming the file and the place (:class:`RunFileError`)."""
     p = Path(run_dir)
-    if not (p / CONFIG).exists():
+    if not p.is_dir():
+        raise ConfigError("not a directory", field="run_dir", value=str(p), allowed="a run directory")
+    if not (p / CONFIG).is_file():
         raise ConfigError("not a run directory (no config.yaml)", field="run_dir", value=str(p))
-    config = yaml.safe_load((p / CONFIG).read_text())
+    config = read_config(p / CONFIG)
     metrics = Metrics(read_metrics(p / METRICS)) if (p / METRICS).exists() else Metrics()
-    summary = json.loads((p / SUMMARY).read_text()) if (p / SUMMARY).exists() else {}
-    env = json.loads((p / ENV).read_text()) if (p / ENV).exists() else {}
-    opt = json.loads((p / OPTIMUM).read_text()) if (p / OPTIMUM).exists() else None
+    summary = read_json(p / SUMMARY) if (p / SUMMARY).exists() else {}
+    env = read_json(p / ENV) if (p / ENV).exists() else {}
+    opt = read_json(p / OPTIMUM, required=("F_star",)) if (p / OPTIMUM).exists() else None
     a = w = step = None
     if (p / CHECKPOINT).exists():
         ck = load_checkpoint(p / CHECKPOINT)

@@ -22,9 +22,12 @@ from mfld.app.inputs import (  # noqa: F401 - re-exported: the run's inputs (no 
     Prepared,
     build_problem,
     check_data,
+    check_out_dir,
     data_fingerprint,
     make_dataset,
+    out_path,
     prepare,
+    read_run_env,
     resolve_config,
     resolve_resume_config,
     validate_inputs,
@@ -61,8 +64,39 @@ def precision_context(precision: str):
 
 
 def default_out_dir(cfg: cfgmod.Config) -> Path:
+    """``runs/<name>-<YYYYmmdd-HHMMSS>`` (the name :func:`reserve_default_dir` starts from)."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.name}-{stamp}"
+
+
+def reserve_default_dir(cfg: cfgmod.Config, created: list) -> Path:
+    """Create the default run directory atomically: ``runs/<name>-<stamp>``, or with ``-2``,
+    ``-3``, ... appended when a run started in the same second has it (``os.mkdir`` fails on
+    an existing name, so two runs started together get two directories). Appends the
+    directories it created to ``created`` (removed again if the run fails before writing)."""
+    base = default_out_dir(cfg)
+    if not base.parent.exists():
+        try:
+            base.parent.mkdir(parents=True)
+            created.append(base.parent)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise ConfigError(f"cannot create {base.parent} ({err.strerror or err})", field="--out",
+                              value=str(base.parent)) from None
+    for i in range(1, 1000):
+        d = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise ConfigError(f"cannot create the run directory ({err.strerror or err})", field="--out",
+                              value=str(d)) from None
+        created.append(d)
+        return d
+    raise ConfigError("no free default run directory name", field="--out", value=str(base),
+                      allowed="--out DIR")
 
 
 def certificates_available(problem) -> str | None:
@@ -115,6 +149,8 @@ def run(config=None, *, overrides=None, x=None, y=None, x_test=None, y_test=None
     if resume and not write and not follower:
         raise ConfigError("a resume continues the run in its directory, so it must write it", field="write",
                           value=False, allowed="write=True with resume=True, or resume=False")
+    if out is not None:
+        out = out_path(out)  # "" is refused (it would mean the current directory)
     if isinstance(config, Prepared):
         if overrides or x is not None or y is not None or dataset is not None:
             raise ConfigError("a prepared config already holds its overrides and data", field="config",
@@ -126,7 +162,7 @@ def run(config=None, *, overrides=None, x=None, y=None, x_test=None, y_test=None
         prep = config
     else:
         prep = prepare(config, overrides, out=out, resume=resume, x=x, y=y, x_test=x_test, y_test=y_test,
-                       dataset=dataset)
+                       dataset=dataset, overwrite=overwrite, check_dir=write)
     with precision_context(prep.config.precision):
         return _run(prep.config, prep.dataset, out, overwrite, resume, progress, write, handle_signals, devices)
 
@@ -168,77 +204,209 @@ def _run(cfg, dataset, out, overwrite, resume, progress, write, handle_signals, 
 
     t_start = time.perf_counter()
     notes: list[str] = []
-    out_dir = Path(out) if out is not None else (default_out_dir(cfg) if write else None)
+    created: list[Path] = []  # directories this run created (removed if it fails before writing)
 
     # ---- everything that can be a user mistake is checked before anything is written ----
     # (the config and the data were checked by mfld.app.inputs.prepare)
-    if write:
-        _check_out_dir(out_dir, overwrite, resume)
+    if write and out is not None:
+        check_out_dir(out, overwrite=overwrite, resume=resume)
     problem = build_problem(cfg, dataset)
     stepper = dynamics.Langevin(eta=cfg.dynamics.eta, scheme=cfg.dynamics.scheme,
                                 batch_size=cfg.dynamics.batch_size, tau_schedule=cfg.dynamics.tau_schedule)
     state = dynamics.init_particles(problem, cfg.model.n_particles, cfg.seed, a_scale=cfg.model.init.a_scale,
                                     w_scale=cfg.model.init.w_scale, plus_fraction=cfg.model.init.plus_fraction)
     fingerprint = data_fingerprint(dataset)
-    lock = RunLock(out_dir) if write else None
+    out_dir = Path(out) if out is not None else None
+    lock = None
     signals = None
+    wrote = False
     try:
-        if write:  # the lock first: a resume reads env.json, the checkpoint and metrics.csv under it
-            lock.acquire()
+        if write:  # the lock first: every check of the directory and every read of a resume under it
+            if out_dir is None:
+                out_dir = reserve_default_dir(cfg, created)
+            else:
+                created.extend(_missing_dirs(out_dir))
+            lock = RunLock(out_dir)
+            try:
+                lock.acquire()
+            except OSError as err:  # the directory cannot be made (a name too long, permissions ...)
+                raise ConfigError(f"cannot create the run directory ({err.strerror or err})", field="--out",
+                                  value=str(out_dir)) from None
             if lock.took_over:
                 notes.append("took over a stale lock left by a process that is gone")
+            # again under the lock: another run may have written the directory since the check
+            check_out_dir(out_dir, overwrite=overwrite, resume=resume)
         prior = None
         resumed_from = None
+        stored_optimum = None
         if resume and out_dir is not None:  # (write=False: another process of a multi-process run reads too)
-            state, prior, resumed_from = _read_resume(out_dir, cfg, state, fingerprint, notes)
+            state, prior, resumed_from, stored_optimum = _read_resume(out_dir, cfg, problem, state, fingerprint,
+                                                                      notes, clean=write)
         if write:
             if overwrite and not resume:
                 _clear_dir(out_dir)
-            rundir.atomic_write_text(out_dir / rundir.CONFIG, cfg.to_yaml())
-            env = rundir.environment(cfg.seed, cfg.precision)
-            env["data_sha256"] = fingerprint
-            env["particle_devices"] = _mesh_size(devices)
-            if resume:
-                env_old = _read_json(out_dir / rundir.ENV)
-                if env_old:
-                    env_old.setdefault("resumes", []).append(
-                        {k: env[k] for k in ("argv", "jax", "jaxlib", "devices", "git", "x64")}
-                        | {"from_step": resumed_from, "time": _dt.datetime.now().isoformat(timespec="seconds")})
-                    env = env_old
-            rundir.write_json(out_dir / rundir.ENV, env)
-            if dataset.meta.get("kind") == "arrays" and not (out_dir / rundir.DATA).exists():
-                _save_arrays(out_dir / rundir.DATA, dataset)  # so that `mfld plot` can redraw
+            wrote = True
+            _write_config_and_env(out_dir, cfg, dataset, fingerprint, devices, resume, resumed_from)
             signals = _Signals(handle_signals)
         return _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_from, out_dir,
-                                    write, progress, notes, signals, t_start, devices, resume)
+                                    write, progress, notes, signals, t_start, devices, resume, stored_optimum)
+    except KeyboardInterrupt as err:
+        err.run_dir = out_dir if wrote else None  # for the CLI's "resume with" line
+        raise
     finally:
         if signals is not None:
             signals.restore()
         if lock is not None:
             lock.release()
+        if not wrote:  # failed before writing anything: remove the directories this run made
+            for d in reversed(created):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
 
 
-def _read_resume(out_dir, cfg, state, fingerprint, notes):
-    """(state, prior metrics, resumed-from step) of the run in ``out_dir`` (under its lock when writing)."""
-    prior = None
-    env_old = _read_json(out_dir / rundir.ENV)
+def _missing_dirs(d: Path) -> list[Path]:
+    """``d`` and those of its parents that do not exist yet, outermost first."""
+    missing = []
+    for q in [d, *d.parents]:
+        if q.exists() or q.is_symlink() or str(q) in ("", "."):
+            break
+        missing.append(q)
+    return list(reversed(missing))
+
+
+def _write_config_and_env(out_dir, cfg, dataset, fingerprint, devices, resume, resumed_from):
+    """The run's marker, config.yaml, env.json (and data.npz): the marker (with the integrity
+    record of the new config and env, the old ones still accepted) first, then the files, then
+    the marker again without the old ones -- a crash anywhere in between leaves a run that
+    resumes."""
+    import json
+
+    config_text = cfg.to_yaml()
+    env = rundir.environment(cfg.seed, cfg.precision)
+    env["data_sha256"] = fingerprint
+    env["particle_devices"] = _mesh_size(devices)
+    previous = {}  # the digests of the files as they are now: accepted until the new ones are written
+    if resume:
+        if (out_dir / rundir.CONFIG).exists():
+            previous[rundir.CONFIG] = rundir.digest(rundir.read_config(out_dir / rundir.CONFIG))
+        env_old = read_run_env(out_dir)
+        if env_old:
+            previous[rundir.ENV] = rundir.digest(env_old)
+            env_old = dict(env_old)
+            env_old["resumes"] = list(env_old.get("resumes") or [])
+            env_old["resumes"].append(
+                {k: env[k] for k in ("argv", "jax", "jaxlib", "devices", "git", "x64")}
+                | {"from_step": resumed_from, "time": _dt.datetime.now().isoformat(timespec="seconds")})
+            env = env_old
+    env_text = rundir.json_text(env)
+    records = {rundir.CONFIG: rundir.digest(cfgmod.validate(cfgmod.safe_load(config_text)).to_dict()),
+               rundir.ENV: rundir.digest(json.loads(env_text))}
+    rundir.write_marker(out_dir, records, previous=previous)
+    rundir.atomic_write_text(out_dir / rundir.CONFIG, config_text)
+    rundir.atomic_write_text(out_dir / rundir.ENV, env_text)
+    if previous:
+        rundir.write_marker(out_dir, records)
+    if dataset.meta.get("kind") == "arrays" and not (out_dir / rundir.DATA).exists():
+        _save_arrays(out_dir / rundir.DATA, dataset)  # so that `mfld plot` can redraw
+
+
+def _read_resume(out_dir, cfg, problem, state, fingerprint, notes, clean=True):
+    """(state, prior metrics, resumed-from step, stored optimum or None) of the run in
+    ``out_dir``, every file checked before anything is written (under the run's lock when
+    writing): the marker's integrity record of config.yaml and env.json, the data's SHA-256,
+    the checkpoint (shapes, dtype, key, a step that metrics.csv has a row for), metrics.csv and
+    optimum.json. ``clean``: remove the temporary files of interrupted writes."""
+    marker = rundir.read_marker(out_dir)
+    if marker is None:
+        notes.append("the run directory has no integrity record (written by an older mfld): config.yaml and "
+                     "env.json were not verified")
+    stored_cfg = rundir.read_config(out_dir / rundir.CONFIG)
+    rundir.check_integrity(out_dir, rundir.CONFIG, stored_cfg, marker)
+    env_old = read_run_env(out_dir)
     if env_old.get("data_sha256") not in (None, fingerprint):
         raise ConfigError("the data differ from the stored run's (SHA-256 mismatch)", field="--resume",
                           value=str(out_dir), allowed="the same data as the interrupted run")
-    if not (out_dir / rundir.CHECKPOINT).exists():
+    stored_optimum = _read_optimum(out_dir, problem) if cfg.record.optimum else None
+    if (out_dir / rundir.CHECKPOINT).exists():
+        state, prior, resumed_from = _read_checkpoint_and_metrics(out_dir, cfg, state)
+    else:  # killed before the first checkpoint: start again from step 0
         notes.append("no checkpoint in the run directory: restarted from step 0")
-        return state, None, 0  # killed before the first checkpoint: start again from step 0
+        prior, resumed_from = None, 0
+    if clean:  # every file checked: now the leftovers of interrupted writes can go
+        removed = rundir.remove_temporaries(out_dir)
+        if removed:
+            notes.append(f"removed {len(removed)} temporary file(s) of an interrupted write: "
+                         + ", ".join(removed[:3]) + (" ..." if len(removed) > 3 else ""))
+    return state, prior, resumed_from, stored_optimum
+
+
+def _read_checkpoint_and_metrics(out_dir, cfg, state):
+    """(state, metrics rows to keep, step) of a run's checkpoint and metrics.csv, checked
+    against each other (metrics.csv is written before every checkpoint, so it has a row at the
+    checkpoint's step)."""
+    has_metrics = (out_dir / rundir.METRICS).exists()
     state = _restore(out_dir / rundir.CHECKPOINT, state)
     resumed_from = int(state.step)
-    if (out_dir / rundir.METRICS).exists():
-        prior = rundir.read_metrics(out_dir / rundir.METRICS)
-        # rows after the checkpoint are replayed; the closing record of a run whose
-        # length is not a multiple of record.every is not one an uninterrupted longer
-        # run would have, so it goes when the run is extended
-        steps = prior["step"]
-        keep = (steps <= resumed_from) & ((steps % cfg.record.every == 0) | (steps >= cfg.dynamics.steps))
-        prior = {k: v[keep] for k, v in prior.items()}
+    if not has_metrics:
+        raise rundir.RunFileError(out_dir / rundir.METRICS, f"missing, but the checkpoint is at step {resumed_from}",
+                                  "the metrics.csv the run wrote (it is written before every checkpoint)")
+    prior = rundir.read_metrics(out_dir / rundir.METRICS)
+    steps = prior["step"]
+    if resumed_from not in set(steps.tolist()):
+        raise rundir.RunFileError(out_dir / rundir.CHECKPOINT,
+                                  f"step {resumed_from} has no row in metrics.csv (which ends at step "
+                                  f"{int(steps[-1]) if steps.size else 'none'})",
+                                  "the checkpoint the run wrote (metrics.csv reaches every checkpoint)")
+    # rows after the checkpoint are replayed; the closing record of a run whose
+    # length is not a multiple of record.every is not one an uninterrupted longer
+    # run would have, so it goes when the run is extended
+    keep = (steps <= resumed_from) & ((steps % cfg.record.every == 0) | (steps >= cfg.dynamics.steps))
+    prior = {k: v[keep] for k, v in prior.items()}
     return state, prior, resumed_from
+
+
+def _read_optimum(out_dir, problem):
+    """The run's optimum.json (None if there is none), checked against the problem."""
+    import json
+
+    path = out_dir / rundir.OPTIMUM
+    if not path.exists():
+        return None
+    d = rundir.read_json(path, required=("F_star", "F_star_err", "F_star_upper", "u", "f", "method", "mean", "cov"))
+    allowed = "the optimum.json the run wrote"
+    for k in ("F_star", "F_star_err", "F_star_upper"):
+        if isinstance(d[k], bool) or not isinstance(d[k], (int, float)) or not math.isfinite(d[k]):
+            raise rundir.RunFileError(path, f"key {k!r} is {d[k]!r:.40}, not a finite number", allowed)
+    n = int(problem.n)
+    for k in ("u", "f"):
+        if not (isinstance(d[k], list) and len(d[k]) == n and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in d[k])):
+            raise rundir.RunFileError(path, f"key {k!r} is not a list of {n} finite numbers (one per data point)",
+                                      allowed)
+    if d["method"] not in ("closed_form", "quadrature", "mc"):
+        raise rundir.RunFileError(path, f"key 'method' is {d['method']!r:.40}", "closed_form, quadrature or mc")
+    try:
+        mean = np.asarray(d["mean"], dtype=np.float64)
+        cov = np.asarray(d["cov"], dtype=np.float64)
+        ok = mean.ndim == 1 and cov.shape == (mean.size, mean.size) and np.all(np.isfinite(cov))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise rundir.RunFileError(path, "keys 'mean' and 'cov' are not a vector and a matching square matrix",
+                                  allowed)
+    pf = d.get("plus_fraction", 0.5)
+    if isinstance(pf, bool) or not isinstance(pf, (int, float)) or not 0 <= pf <= 1:
+        raise rundir.RunFileError(path, f"key 'plus_fraction' is {pf!r:.40}", "a number in [0, 1]")
+    if not isinstance(d.get("info", {}), dict):
+        raise rundir.RunFileError(path, "key 'info' is not an object", allowed)
+    from mfld.optimum import Optimum
+
+    try:
+        return Optimum.from_json(json.dumps(d), problem=problem)
+    except Exception as err:  # noqa: BLE001 - whatever else is wrong with it: one line
+        raise rundir.RunFileError(path, f"not usable ({type(err).__name__})", allowed) from None
 
 
 def _mesh_size(devices) -> int:
@@ -308,8 +476,9 @@ class _RecordHook:
         _checkpoint(self.out_dir, s)
 
 
-def _optimum_and_certify(cfg, problem, state, out_dir, write, resume, notes):
-    """(optimum or None, certify(state) -> dict or None) as ``record`` asks and the theory allows."""
+def _optimum_and_certify(cfg, problem, state, out_dir, write, resume, notes, stored_optimum=None):
+    """(optimum or None, certify(state) -> dict or None) as ``record`` asks and the theory allows
+    (``stored_optimum``: a resumed run's optimum.json, read and checked before anything was written)."""
     rec = cfg.record
     cert_reason = certificates_available(problem) if rec.certify_every or rec.optimum else None
     if cert_reason:
@@ -320,11 +489,8 @@ def _optimum_and_certify(cfg, problem, state, out_dir, write, resume, notes):
                      else cfg.model.init.plus_fraction)
     optimum = None
     if rec.optimum:
-        stored = out_dir / rundir.OPTIMUM if resume and out_dir is not None else None
-        if stored is not None and stored.is_file():  # a resume keeps the run's F* (no second solve)
-            from mfld.optimum import Optimum
-
-            optimum = Optimum.from_json(stored.read_text(), problem=problem)
+        if resume and stored_optimum is not None:  # a resume keeps the run's F* (no second solve)
+            optimum = stored_optimum
         else:
             from mfld.optimum import solve_optimum
 
@@ -344,14 +510,14 @@ def _optimum_and_certify(cfg, problem, state, out_dir, write, resume, notes):
 
 
 def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_from, out_dir, write,
-                         progress, notes, signals, t_start, devices=None, resume=False):
+                         progress, notes, signals, t_start, devices=None, resume=False, stored_optimum=None):
     import jax
 
     from mfld import dynamics
 
     # ---- certificates and the optimum (issue: certified global optimality) ------------
     rec = cfg.record
-    optimum, certify = _optimum_and_certify(cfg, problem, state, out_dir, write, resume, notes)
+    optimum, certify = _optimum_and_certify(cfg, problem, state, out_dir, write, resume, notes, stored_optimum)
     initial_state = state
     hist = dynamics.History()
     hook = _RecordHook(cfg, out_dir, write, signals, prior, state, hist, certify)
@@ -400,6 +566,11 @@ def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_f
         notes.append(f"the run diverged ({status['reason']}); the last finite state (step {hook.last_good_step}) is "
                      f"checkpointed; {suggestion['why']}: rerun with --set dynamics.eta={suggestion['eta']:.3g} "
                      f"--overwrite")
+    if status["value"] == "completed":
+        note = _convergence_note(cfg, problem, metrics, [initial_state, state])
+        if note:
+            summary["not_converging"] = True
+            notes.append(note)
     notes.extend(guards.run_notes(cfg.precision, metrics, np.asarray(state.a), np.asarray(state.w),
                                   problem=problem, certified=certify is not None))
     if write:
@@ -441,18 +612,18 @@ def _restore(path, template):
 
     from mfld import dynamics
 
-    try:
-        ck = rundir.load_checkpoint(path)
-        a, w, step, key_data = ck["a"], ck["w"], int(ck["step"]), ck["key_data"]
-    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is a user-facing problem
-        raise ConfigError(f"cannot read the checkpoint ({type(err).__name__})", field="--resume",
-                          value=str(path)) from None
+    ck = rundir.load_checkpoint(path)  # a RunFileError naming the problem if it is damaged
+    a, w, step, key_data = ck["a"], ck["w"], int(ck["step"]), ck["key_data"]
     if a.shape != template.a.shape or w.shape != template.w.shape:
-        raise ConfigError(f"checkpoint particles have shapes {a.shape}, {w.shape} but the config gives "
-                          f"{template.a.shape}, {template.w.shape}", field="--resume", value=str(path))
+        raise rundir.RunFileError(path, f"particles of shapes {a.shape}, {w.shape} but the config gives "
+                                        f"{template.a.shape}, {template.w.shape}", "the checkpoint of this run")
     if a.dtype != template.a.dtype:
-        raise ConfigError(f"checkpoint is {a.dtype} but the run's precision gives {template.a.dtype}",
-                          field="--resume", value=str(path), allowed="the stored precision (--x64 as before)")
+        raise rundir.RunFileError(path, f"particles are {a.dtype} but the run's precision gives "
+                                        f"{template.a.dtype}", "the stored precision (--x64 as before)")
+    want = np.asarray(jax.random.key_data(template.key))
+    if key_data.shape != want.shape or key_data.dtype != want.dtype:
+        raise rundir.RunFileError(path, f"'key_data' is {key_data.dtype} {key_data.shape}, the run's key is "
+                                        f"{want.dtype} {want.shape}", "the checkpoint of this run")
     return dynamics.ParticleState(jnp.asarray(a), jnp.asarray(w), jnp.asarray(step, jnp.int32),
                                   jax.random.wrap_key_data(jnp.asarray(key_data)))
 
@@ -505,29 +676,64 @@ def _summary(cfg, metrics, status, wall, notes, optimum) -> dict:
     return s
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool, resume: bool):
-    """Refuse a run directory that would be clobbered; writes nothing."""
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other", field="--overwrite",
-                          allowed="one of --resume (continue) or --overwrite (start again)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError("run directory path is a file", field="--out", value=str(out_dir),
-                          allowed="a new or existing directory")
-    if resume:
-        return  # resolve_resume_config checked that a run is there
-    if out_dir.exists() and any(p.name != LOCK for p in out_dir.iterdir()) and not overwrite:
-        raise ConfigError("run directory already exists and is not empty", field="--out", value=str(out_dir),
-                          allowed="a new directory, or --resume / --overwrite")
-
-
 def _clear_dir(out_dir: Path):
-    """Empty a run directory for --overwrite, keeping our own lock file."""
+    """Empty a run directory for --overwrite, keeping our own lock file. Only ever called on a
+    directory that holds an mfld run (:func:`mfld.app.inputs.check_out_dir`, under the lock);
+    symbolic links are removed, never followed."""
     import shutil
 
+    from mfld.app.inputs import _entries
+
+    if not _entries(out_dir):
+        return  # a new or empty directory: nothing to clear
+    if not rundir.is_run_dir(out_dir):  # the check ran under the lock; never clear anything else
+        raise ConfigError("--overwrite refused: the directory does not hold an mfld run", field="--out",
+                          value=str(out_dir))
     for p in out_dir.iterdir():
-        if p.name == LOCK:
+        if p.name == LOCK and p.is_file() and not p.is_symlink():
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
             p.unlink()
+
+
+#: Particles the non-convergence check's curvature is estimated on (a mean-field curvature does
+#: not depend on N; a subsample keeps the check cheap for large runs).
+CURVATURE_SUBSAMPLE = 4096
+
+
+def _convergence_note(cfg, problem, metrics, states) -> str | None:
+    """A note for a completed run that is not converging: its duality gap did not fall over
+    the last half of the run (the median of the last quarter of the records is not below 0.7
+    times that of the quarter before) and the step exceeds the linear stability limit 2/mu at
+    the final state (:func:`mfld.stability.drift_curvature`): the particles oscillate. The note
+    names a stable step (:func:`mfld.stability.suggest_step_size`). None otherwise, and when
+    fewer than 8 records have a gap."""
+    steps = np.asarray(metrics.get("step", []), dtype=np.float64)
+    gap = np.asarray(metrics.get("gap", []), dtype=np.float64)
+    ok = np.isfinite(gap)
+    steps, gap = steps[ok], gap[ok]
+    if gap.size < 8 or steps[-1] - steps[0] <= 0:
+        return None
+    half = gap[steps >= steps[0] + 0.5 * (steps[-1] - steps[0])]
+    if half.size < 4:
+        return None
+    q = half.size // 2
+    earlier, later = float(np.median(half[:q])), float(np.median(half[q:]))
+    if later < 0.7 * earlier:
+        return None  # still falling
+    stride = -(-int(states[-1].a.shape[0]) // CURVATURE_SUBSAMPLE)  # every k-th particle: both sign groups
+    sub = [s._replace(a=s.a[::stride], w=s.w[::stride]) for s in states]
+    try:
+        mu = drift_curvature(problem, sub[-1].a, sub[-1].w)
+    except Exception:  # noqa: BLE001 - a diagnostic must not break the run's writing
+        return None
+    eta = float(cfg.dynamics.eta)
+    if not (np.isfinite(mu) and mu > 0 and eta >= 2.0 / mu):
+        return None  # a plateau (or a slow run) with a stable step: nothing to say
+    suggestion = suggest_step_size(problem, eta, sub)
+    return (f"the run is not converging: the duality gap did not fall over the last half of the run (median "
+            f"{earlier:.3g}, then {later:.3g}) and dynamics.eta={eta:g} exceeds the stability limit 2/mu = "
+            f"{2.0 / mu:.3g} of the final state; a stable step is dynamics.eta={suggestion['eta']:.3g} "
+            f"(rerun with --set dynamics.eta={suggestion['eta']:.3g} --overwrite)")
