@@ -245,13 +245,15 @@ class Optimum:
 
     # ---- JSON ----
     def to_dict(self) -> dict:
-        return {
+        """JSON-native and strict (non-finite numbers as the strings "nan", "inf", "-inf",
+        which :meth:`from_json` reads back)."""
+        return jsonable({
             "F_star": self.F_star, "F_star_err": self.F_star_err, "F_star_upper": self.F_star_upper,
             "method": self.method, "certified": self.method != "mc",
             "u": self.u.tolist(), "f": self.f.tolist(),
             "mean": self.mean.tolist(), "cov": self.cov.tolist(),
-            "plus_fraction": self.plus_fraction, "info": jsonable(self.info, nonfinite_as_str=True),
-        }
+            "plus_fraction": self.plus_fraction, "info": self.info,
+        }, nonfinite_as_str=True)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
