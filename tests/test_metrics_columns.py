@@ -224,7 +224,8 @@ def test_certificate_columns_linear_activation_closed_form(tmp_path):
         "--set", "data.params.d=2", "--set", "data.params.input_scale=1.0", "--set", "data.params.n=30",
         "--set", "objective.lam=1.0", "--set", "objective.tau=0.05", "--set", "record.certify_every=10",
         "--set", "record.optimum=true"])
-    cert_cols = ("dual_lower", "primal_upper", "gap", "certified", "ess", "ess_low", "pareto_k", "dual_value",
+    cert_cols = ("dual_lower", "primal_upper", "gap", "certified", "withheld", "ess", "ess_low", "pareto_k",
+                 "dual_value",
                  "primal_value", "bound_err", "free_energy_est", "entropy_reliable", "kl_gap_est", "F_star",
                  "F_minus_Fstar_upper")
     cfg, ds, m, snaps = check_standard_columns(out, extra_columns=cert_cols)
@@ -248,7 +249,7 @@ def test_certificate_columns_linear_activation_closed_form(tmp_path):
         theta = np.concatenate([a[:, None], w], axis=1)
         fe = m["reg_risk"][i] - tau * _knn_entropy_bruteforce(theta)
         want = {"dual_lower": D, "primal_upper": F, "gap": F - D, "dual_value": D, "primal_value": F,
-                "bound_err": 0.0, "certified": 1.0, "ess_low": 0.0, "entropy_reliable": 1.0,
+                "bound_err": 0.0, "certified": 1.0, "withheld": 0.0, "ess_low": 0.0, "entropy_reliable": 1.0,
                 "free_energy_est": fe, "kl_gap_est": fe - D, "F_star": stored["F_star"],
                 "F_minus_Fstar_upper": F - stored["F_star"]}
         for k, v in want.items():

@@ -237,10 +237,12 @@ def save_checkpoint(path, a, w, step: int, key_data, extra: dict | None = None) 
 MAX_STEP = 2 ** 31 - 1
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, stacked: bool = False) -> dict:
     """The arrays of a checkpoint, checked: ``a`` (N,) and ``w`` (N, p) finite floats,
     ``step`` an integer in 0..2^31-1, ``key_data`` unsigned integers. Anything else (a damaged
-    file, a missing or extra-dimensional array, a pickled object) is a :class:`RunFileError`."""
+    file, a missing or extra-dimensional array, a pickled object) is a :class:`RunFileError`.
+    ``stacked``: a sweep's checkpoint, one more leading (member) axis on a, w and key_data."""
+    extra = 1 if stacked else 0
     path = Path(path)
     allowed = "a checkpoint.npz written by mfld (a, w, step, key_data)"
     try:
@@ -255,7 +257,7 @@ def load_checkpoint(path) -> dict:
     if missing:
         raise RunFileError(path, f"no array {', '.join(map(repr, missing))} in the checkpoint", allowed)
     a, w, step, kd = ck["a"], ck["w"], ck["step"], ck["key_data"]
-    for name, arr, ndim in (("a", a, 1), ("w", w, 2)):
+    for name, arr, ndim in (("a", a, 1 + extra), ("w", w, 2 + extra)):
         if arr.dtype not in (np.float32, np.float64) or arr.ndim != ndim:
             raise RunFileError(path, f"array {name!r} has dtype {arr.dtype} and shape {arr.shape}",
                                f"a float32/float64 array of {ndim} dimension(s)")
@@ -266,7 +268,7 @@ def load_checkpoint(path) -> dict:
     if step.ndim != 0 or step.dtype.kind not in "iu" or not 0 <= int(step) <= MAX_STEP:
         shown = short_repr(step.tolist() if step.size < 8 else step.shape, 40)
         raise RunFileError(path, f"'step' is {shown}", f"an integer step in 0..{MAX_STEP}")
-    if kd.dtype.kind != "u" or kd.ndim != 1 or kd.size == 0:
+    if kd.dtype.kind != "u" or kd.ndim != 1 + extra or kd.size == 0:
         raise RunFileError(path, f"'key_data' has dtype {kd.dtype} and shape {kd.shape}",
                            "the key data of jax.random.key_data (unsigned integers)")
     return ck

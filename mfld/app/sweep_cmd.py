@@ -195,8 +195,9 @@ def _sweep(cfg, dataset, grid, seeds, out, plan, resume, show, t_start) -> Sweep
                 rundir.atomic_write_bytes(dirs[i] / rundir.OPTIMUM, (dirs[j] / rundir.OPTIMUM).read_bytes())
             s0 = dynamics.init_particles(problems[i], cfg.model.n_particles, m.seed, **init)
             # a stored optimum.json is read (resume=True), else the group's first member solves it
+            stored = runner._read_optimum(dirs[i], problems[i]) if mcfgs[i].record.optimum else None
             optima[i], certifiers[i] = runner._optimum_and_certify(mcfgs[i], problems[i], s0, dirs[i], i == j,
-                                                                   True, notes[i])
+                                                                   True, notes[i], stored)
             bar.update(1)
 
     # ---- resume: the stacked states of the last checkpoint and the metrics up to it ---
@@ -205,7 +206,7 @@ def _sweep(cfg, dataset, grid, seeds, out, plan, resume, show, t_start) -> Sweep
     ck_path = out / SWEEP_CHECKPOINT
     if resume and ck_path.exists():
         try:
-            ck = rundir.load_checkpoint(ck_path)
+            ck = rundir.load_checkpoint(ck_path, stacked=True)
             step = int(ck["step"])
             state = dynamics.ParticleState(jnp.asarray(ck["a"]), jnp.asarray(ck["w"]),
                                            jnp.full((n_mem,), step, jnp.int32),
