@@ -199,7 +199,8 @@ def optimum_cmd(config, overrides, out):
               help="Output directory (default experiments/NAME).")
 def experiment(name, quick, out):
     """Run experiment NAME (linear-convergence, global-optimality, discretisation, mf-vs-ntk,
-    annealing, minibatch): figures, report.md and CSVs in one directory."""
+    annealing, minibatch, lazy-vs-mean-field, sparse-parity, real-data): figures, report.md
+    and CSVs in one directory."""
     from mfld.experiments import run_experiment
 
     click.echo(os.path.join(str(run_experiment(name, out, quick=quick)), "report.md"))

@@ -19,6 +19,9 @@ EXPERIMENTS = {
     "mf-vs-ntk": "mfld.experiments.mf_vs_ntk",
     "annealing": "mfld.experiments.annealing",
     "minibatch": "mfld.experiments.minibatch",
+    "lazy-vs-mean-field": "mfld.experiments.lazy_vs_mean_field",
+    "sparse-parity": "mfld.experiments.sparse_parity",
+    "real-data": "mfld.experiments.real_data",
 }
 
 __all__ = ["EXPERIMENTS", "run_experiment", "get_experiment"]
