@@ -120,6 +120,10 @@ def _linear_vd(z):
     return z, jnp.ones_like(z)
 
 
+def _quadratic_vd(z):
+    return z * z, 2.0 * z
+
+
 # sup |gelu'(z)| = 1 + sqrt(2) * phi(sqrt(2)) ... attained at z = sqrt(2): cdf(sqrt2) + sqrt2 pdf(sqrt2)
 _GELU_DSUP = 0.5 * (1.0 + math.erf(1.0)) + _SQRT2 * _INV_SQRT2PI * math.exp(-1.0)
 
@@ -138,6 +142,12 @@ ACTIVATIONS: dict[str, Activation] = {
         numpy_fn=NUMPY_FORMS["gelu"][0], numpy_vd=NUMPY_FORMS["gelu"][1]),
     "linear": Activation("linear", lambda z: z, _linear_vd, None, 1.0, odd=True,
         numpy_fn=NUMPY_FORMS["linear"][0], numpy_vd=NUMPY_FORMS["linear"][1]),
+    # sigma(z) = z^2 (Ghorbani et al. 2019's quadratic networks; the lazy-vs-mean-field experiment).
+    # Unbounded with an unbounded derivative: no LSI bound, and with a trained output layer the
+    # Gibbs partition function diverges (quadrature certificates return the trivial bounds; a
+    # Monte Carlo one is finite but meaningless, and its effective sample size collapses).
+    "quadratic": Activation("quadratic", lambda z: z * z, _quadratic_vd, None, None,
+        numpy_fn=NUMPY_FORMS["quadratic"][0], numpy_vd=NUMPY_FORMS["quadratic"][1]),
 }
 
 

@@ -51,6 +51,14 @@ def _np_linear_vd(z):
     return z, np.ones_like(z)
 
 
+def _np_quadratic_vd(z):
+    return z * z, 2.0 * z
+
+
+def _np_quadratic(z):
+    return z * z
+
+
 def _np_relu(z):
     return np.maximum(z, 0.0)
 
@@ -71,4 +79,5 @@ NUMPY_FORMS = {
     "softplus": (_np_softplus, _np_softplus_vd),
     "gelu": (_np_gelu, _np_gelu_vd),
     "linear": (_np_linear, _np_linear_vd),
+    "quadratic": (_np_quadratic, _np_quadratic_vd),
 }

@@ -261,7 +261,8 @@ def optimum_cmd(config, overrides, out):
 @click.option("--quiet", is_flag=True, help="No progress bar (none is shown either when stderr is not a terminal).")
 def experiment(name, quick, out, fig_format, quiet):
     """Run experiment NAME (linear-convergence, global-optimality, discretisation, mf-vs-ntk,
-    annealing, minibatch): figures, report.md and CSVs in one directory."""
+    annealing, minibatch, lazy-vs-mean-field, sparse-parity, real-data): figures, report.md
+    and CSVs in one directory."""
     from mfld.experiments import run_experiment
 
     path = run_experiment(name, out, quick=quick, progress=not quiet, figure_format=fig_format)

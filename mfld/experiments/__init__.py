@@ -20,6 +20,9 @@ EXPERIMENTS = {
     "annealing": "mfld.experiments.annealing",
     "minibatch": "mfld.experiments.minibatch",
     "certificate-coverage": "mfld.experiments.certificate_coverage",
+    "lazy-vs-mean-field": "mfld.experiments.lazy_vs_mean_field",
+    "sparse-parity": "mfld.experiments.sparse_parity",
+    "real-data": "mfld.experiments.real_data",
 }
 
 __all__ = ["EXPERIMENTS", "run_experiment", "get_experiment"]
