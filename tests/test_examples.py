@@ -19,9 +19,11 @@ def _readme_python_blocks():
 
 def test_readme_examples_are_the_executed_scripts():
     blocks = _readme_python_blocks()
-    scripts = [(ROOT / "examples" / name).read_text() for name in ("quickstart.py", "certify.py")]
+    scripts = [(ROOT / "examples" / name).read_text()
+               for name in ("quickstart.py", "certify.py", "sklearn_estimator.py")]
     # every python block of the README is literally one of the scripts the tests execute
-    assert len(blocks) == 2
+    # (sklearn_estimator.py: tests/test_sklearn.py)
+    assert len(blocks) == 3
     for block in blocks:
         assert any(block in script for script in scripts), block[:80]
 
