@@ -103,6 +103,8 @@ def kernel_logistic(K, y, ridge: float, tol: float = 1e-10, max_iter: int = 200)
     """Representer coefficients alpha of min_f (1/n) sum_j log(1 + exp(-y_j f_j)) + (ridge/2)
     ||f||_K^2, f = K alpha (Newton's method in function space: (D K / n + ridge I) delta =
     l'/n + ridge alpha, with backtracking on the objective)."""
+    from scipy.special import expit
+
     n = K.shape[0]
     alpha = np.zeros(n)
 
@@ -112,7 +114,7 @@ def kernel_logistic(K, y, ridge: float, tol: float = 1e-10, max_iter: int = 200)
 
     J, f = obj(alpha)
     for _ in range(max_iter):
-        p = 1.0 / (1.0 + np.exp(y * f))        # sigmoid(-y f)
+        p = expit(-y * f)                       # sigmoid(-y f), no overflow
         g = -y * p / n + ridge * alpha          # K^-1 times the gradient in alpha
         if math.sqrt(float(g @ K @ g)) < tol:
             break

@@ -1,4 +1,5 @@
-"""scikit-learn: an MFLD classifier in a Pipeline with its certificate (the README example; run by the tests)."""
+"""MFLD as a scikit-learn classifier, with its certificate: the README's third example (executed by
+the tests)."""
 
 from sklearn.datasets import load_breast_cancer
 from sklearn.pipeline import make_pipeline
@@ -7,7 +8,7 @@ from sklearn.preprocessing import StandardScaler
 from mfld.sklearn import MFLDClassifier
 
 X, y = load_breast_cancer(return_X_y=True)
-clf = make_pipeline(StandardScaler(), MFLDClassifier(n_particles=256, lam=0.1, tau=1e-2, n_steps=1000,
+clf = make_pipeline(StandardScaler(), MFLDClassifier(n_particles=256, lam=0.1, tau=1e-2, n_steps=500,
                                                      random_state=0)).fit(X, y)
 mfld_fit = clf[-1]
 print(clf.score(X, y), mfld_fit.certificate_["dual_lower"], mfld_fit.certificate_["primal_upper"])
