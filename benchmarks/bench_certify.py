@@ -109,7 +109,7 @@ def breakdown(d: int, n: int, reps: int = 5) -> dict:
     import numpy as np
 
     from mfld import config as cfgmod
-    from mfld import duality, dynamics, entropy
+    from mfld import duality, dynamics, entropy, gibbs
     from mfld.app import inputs
 
     cfg = cfgmod.load(None, [f"data.params.d={d}", f"model.n_particles={n}"])
@@ -126,14 +126,14 @@ def breakdown(d: int, n: int, reps: int = 5) -> dict:
         states.append((np.asarray(st.a), np.asarray(st.w)))
     rec = cfg.record
     duality.certify(pb, *states[0], method=rec.certify_method, n_samples=rec.certify_samples)  # warm-up
-    spec = duality._spec(pb)
+    spec = gibbs.make_spec(pb)
     parts = {"100 steps": t_steps, "log Z (dual and primal)": [], "k-NN free energy": [], "certify (all)": []}
     method = None
     for a, w in states:
         a64, w64 = np.asarray(a, np.float64), np.asarray(w, np.float64)
-        u = spec.loss_deriv(duality._network_output(spec, a64, w64), spec.y)
+        u = spec.loss_deriv(gibbs.network_output(spec, a64, w64), spec.y)
         t0 = time.perf_counter()
-        ev = duality._evaluate_spec(spec, u, rec.certify_method, rec.certify_samples, 0)
+        ev = gibbs.evaluate_spec(spec, u, rec.certify_method, rec.certify_samples, 0)
         parts["log Z (dual and primal)"].append(time.perf_counter() - t0)
         method = ev.method
         t0 = time.perf_counter()

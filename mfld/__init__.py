@@ -11,6 +11,7 @@ Step convention (mean-field scaling), time t = step * eta::
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -40,7 +41,25 @@ _EXPORTS = {
     "solve_optimum": "mfld.optimum",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [  # sorted(_EXPORTS) + ["__version__"] (a test checks), literal for linters and IDEs
+    "Activation", "Config", "ConfigError", "Dataset", "History", "Langevin", "Loss", "ParticleState",
+    "Problem", "RunResult", "StepInfo", "TheoryNotApplicable", "certify", "from_callable", "init_particles",
+    "load_run", "make_dataset", "run", "run_steps", "simulate", "solve_optimum", "step", "teacher_student",
+    "__version__",
+]
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS (a test checks)
+    from mfld.activations import Activation, from_callable
+    from mfld.app.rundir import load_run
+    from mfld.app.runner import RunResult, run
+    from mfld.config import Config
+    from mfld.data import Dataset, make_dataset, teacher_student
+    from mfld.duality import certify
+    from mfld.dynamics import History, Langevin, ParticleState, StepInfo, init_particles, run_steps, simulate, step
+    from mfld.errors import ConfigError, TheoryNotApplicable
+    from mfld.losses import Loss
+    from mfld.optimum import solve_optimum
+    from mfld.problem import Problem
 
 
 def __getattr__(name):

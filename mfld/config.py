@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mfld import choices
 from mfld.errors import ConfigError, short_repr
 
 #: Largest seed: the dynamics key is ``jax.random.key(seed)``, whose key data agree with and
@@ -28,9 +29,9 @@ MAX_SEED = 2 ** 32 - 1
 #: allow 255 bytes).
 MAX_NAME = 100
 
-ACTIVATION_NAMES = ("tanh", "sigmoid", "erf", "relu", "softplus", "gelu", "linear")
+ACTIVATION_NAMES = choices.ACTIVATIONS
 DEFAULT_TEACHER_PARAMS = dict(n=64, d=1, teacher_width=3, noise=0.05, n_test=256)
-DATA_KINDS = ("teacher_student", "single_index", "gaussian_mixture", "sparse_parity", "sklearn", "file")
+DATA_KINDS = choices.DATA_KINDS
 
 
 class _Section(BaseModel):
@@ -74,25 +75,25 @@ class InitConfig(_Section):
 class ModelConfig(_Section):
     activation: Literal[ACTIVATION_NAMES] = "tanh"  # type: ignore[valid-type]
     bias: bool = True
-    output: Literal["trained", "fixed", "bounded"] = "trained"
+    output: Literal[choices.OUTPUTS] = "trained"  # type: ignore[valid-type]
     r_out: float = Field(default=1.0, gt=0, description="bound of the bounded output layer")
-    scaling: Literal["mean_field", "ntk"] = "mean_field"
+    scaling: Literal[choices.SCALINGS] = "mean_field"  # type: ignore[valid-type]
     n_particles: int = Field(default=4000, ge=1, description="number of neurons N")
     init: InitConfig = Field(default_factory=InitConfig)
 
 
 class ObjectiveConfig(_Section):
-    loss: Literal["squared", "logistic"] = "squared"
+    loss: Literal[choices.LOSSES] = "squared"  # type: ignore[valid-type]
     lam: float = Field(default=0.1, gt=0, description="weight decay lambda")
     tau: float = Field(default=0.05, ge=0, description="temperature tau (0: noiseless flow)")
 
 
 class DynamicsConfig(_Section):
-    scheme: Literal["euler", "ou"] = "euler"
+    scheme: Literal[choices.SCHEMES] = "euler"  # type: ignore[valid-type]
     eta: float = Field(default=0.02, gt=0, description="step size; time t = step * eta")
     steps: int = Field(default=1000, ge=0)
     batch_size: int | None = Field(default=None, ge=1, description="minibatch size (null: full batch)")
-    tau_schedule: Literal["constant", "log"] = "constant"
+    tau_schedule: Literal[choices.TAU_SCHEDULES] = "constant"  # type: ignore[valid-type]
     chunk: int | None = Field(default=None, ge=1, description="steps per compiled chunk (default: record.every)")
 
 
@@ -102,7 +103,7 @@ class RecordConfig(_Section):
     # record, more than 100 steps at N = 4000 (docs/certificates.md, "Cost")
     certify_every: int = Field(default=100, ge=0,
                                description="record the dual/primal bounds every K steps (0: off)")
-    certify_method: Literal["auto", "quadrature", "mc"] = "auto"
+    certify_method: Literal[choices.CERTIFY_METHODS] = "auto"  # type: ignore[valid-type]
     certify_samples: int = Field(default=65536, ge=16, description="Monte Carlo samples for log Z")
     optimum: bool = Field(default=True, description="solve for F* first and plot F - F* (needs tau > 0)")
     checkpoint_every: int = Field(default=500, ge=0, description="checkpoint every K steps (0: end only)")
@@ -124,7 +125,7 @@ class Config(_Section):
 
     name: str = Field(default="run", description="a label for the run")
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
-    precision: Literal["float32", "float64"] = "float32"
+    precision: Literal[choices.PRECISIONS] = "float32"  # type: ignore[valid-type]
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
@@ -142,6 +143,16 @@ class Config(_Section):
                 or v in (".", ".."):
             raise ConfigError("invalid run name", field="name", value=v, allowed=allowed)
         return v
+
+    @model_validator(mode="after")
+    def _closed_form_applies(self):
+        if self.record.certify_method == "closed_form" and not (
+                self.model.activation == "linear" and self.model.output in ("trained", "fixed")):
+            raise ConfigError("the closed form of the certificate needs the linear activation and a trained or "
+                              f"fixed output layer (this config: activation {self.model.activation}, output "
+                              f"{self.model.output})", field="record.certify_method", value="closed_form",
+                              allowed="auto, quadrature, mc")
+        return self
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -257,7 +268,7 @@ MAX_OVERRIDE_CHARS = 100_000
 MAX_YAML_NODES = 100_000
 
 
-class _YAMLProblem(Exception):
+class YAMLProblem(Exception):
     """A problem of a YAML text that is not a syntax error (duplicate key, too large)."""
 
 
@@ -278,7 +289,7 @@ class _Loader(yaml.SafeLoader):
                 except TypeError:  # unhashable: PyYAML reports it below
                     continue
                 if dup:
-                    raise _YAMLProblem(f"duplicate key {short_repr(key, 40)} at line {key_node.start_mark.line + 1}")
+                    raise YAMLProblem(f"duplicate key {short_repr(key, 40)} at line {key_node.start_mark.line + 1}")
         return super().construct_mapping(node, deep=deep)
 
 
@@ -309,7 +320,7 @@ def _expanded_size(root) -> int:
             size[k] = 1
             continue
         if k in active:
-            raise _YAMLProblem("a recursive alias (a structure that contains itself)")
+            raise YAMLProblem("a recursive alias (a structure that contains itself)")
         active.add(k)
         stack.append((node, True))
         kids = node.value if isinstance(node, yaml.SequenceNode) else [x for pair in node.value for x in pair]
@@ -355,9 +366,9 @@ def _flow_depth_ok(text: str) -> bool:
 def safe_load(text: str):
     """Parse one YAML document with :class:`_Loader`, refusing documents that expand (through
     aliases) to more than :data:`MAX_YAML_NODES` nodes. Raises ``yaml.YAMLError`` (syntax) or
-    :class:`_YAMLProblem` (duplicate key, too large, recursive, nested too deeply)."""
+    :class:`YAMLProblem` (duplicate key, too large, recursive, nested too deeply)."""
     if not _flow_depth_ok(text):
-        raise _YAMLProblem(f"nested deeper than {MAX_YAML_DEPTH} levels")
+        raise YAMLProblem(f"nested deeper than {MAX_YAML_DEPTH} levels")
     loader = _Loader(text)
     try:
         try:
@@ -366,10 +377,10 @@ def safe_load(text: str):
                 return None
             n = _expanded_size(node)
             if n > MAX_YAML_NODES:
-                raise _YAMLProblem(f"expands to more than {MAX_YAML_NODES} values (aliases)")
+                raise YAMLProblem(f"expands to more than {MAX_YAML_NODES} values (aliases)")
             return loader.construct_document(node)
         except RecursionError:
-            raise _YAMLProblem("nested too deeply") from None
+            raise YAMLProblem("nested too deeply") from None
     finally:
         loader.dispose()
 
@@ -384,7 +395,7 @@ def parse_value(text: str):
                           value=text, allowed=f"at most {MAX_OVERRIDE_CHARS} characters")
     try:
         return safe_load(text)
-    except _YAMLProblem as err:
+    except YAMLProblem as err:
         raise ConfigError(f"override value refused: {err}", field="--set", value=text) from None
     except yaml.YAMLError:
         return text
@@ -476,7 +487,7 @@ def read_yaml(path: str | Path, field: str = "config") -> dict:
         data = safe_load(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError("not a text file (not UTF-8)", field=field, value=str(path)) from None
-    except _YAMLProblem as err:
+    except YAMLProblem as err:
         raise ConfigError(f"YAML refused: {err}", field=field, value=str(path)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)

@@ -34,9 +34,14 @@ from scipy.spatial import cKDTree
 from scipy.special import digamma, gammaln
 
 from mfld.errors import ConfigError
+from mfld.gibbs import make_spec, network_output
 
-__all__ = ["RELIABLE_MAX_DIM", "UNRELIABLE_MAX_SAMPLES", "knn_entropy", "free_energy_estimate", "particle_entropy",
-           "upcast_particles"]
+__all__ = ["KNN_K", "RELIABLE_MAX_DIM", "UNRELIABLE_MAX_SAMPLES", "knn_entropy", "free_energy_estimate",
+           "particle_entropy", "upcast_particles"]
+
+#: The neighbour order of the Kozachenko-Leonenko estimator (k = 3 trades a little bias for
+#: much less variance than k = 1); the one default of every function here.
+KNN_K = 3
 
 #: Largest particle dimension D for which the k-NN entropy is treated as reliable.
 RELIABLE_MAX_DIM = 5
@@ -65,7 +70,7 @@ def default_max_samples(dim: int) -> int | None:
     return RELIABLE_MAX_SAMPLES if dim <= RELIABLE_MAX_DIM else UNRELIABLE_MAX_SAMPLES
 
 
-def knn_entropy(x, k: int = 3, max_samples: int | None = None) -> float:
+def knn_entropy(x, k: int = KNN_K, max_samples: int | None = None) -> float:
     """Kozachenko-Leonenko entropy estimate (nats) of samples ``x`` of shape (N,) or (N, D).
 
     ``k``: neighbour order (k = 3 trades a little bias for much less variance than k = 1).
@@ -79,13 +84,13 @@ def knn_entropy(x, k: int = 3, max_samples: int | None = None) -> float:
     if x.ndim != 2:
         raise ConfigError(f"samples must be (N,) or (N, D), got shape {x.shape}", field="particles")
     if max_samples is not None and int(max_samples) <= k:
-        raise ConfigError("the subsample must hold more than k samples", field="entropy.max_samples",
+        raise ConfigError("the subsample must hold more than k samples", field="max_samples",
                           value=max_samples, allowed=f"> k = {k}")
     x = subsample(x, max_samples)
     n, dim = x.shape
     k = int(k)
     if k < 1:
-        raise ConfigError("neighbour order must be positive", field="entropy.k", value=k, allowed="k >= 1")
+        raise ConfigError("neighbour order must be positive", field="k", value=k, allowed="k >= 1")
     if n <= k:
         raise ConfigError(f"need more than k = {k} samples for the k-NN entropy, got {n}",
                           field="particles", value=n)
@@ -109,7 +114,7 @@ def upcast_particles(a, w) -> tuple[np.ndarray, np.ndarray]:
     return a, w
 
 
-def particle_entropy(problem, a, w, k: int = 3, max_samples: int | str | None = "auto") -> float:
+def particle_entropy(problem, a, w, k: int = KNN_K, max_samples: int | str | None = "auto") -> float:
     """Entropy estimate of the particles' law in the trained coordinates.
 
     ``trained``/``bounded`` output layer: theta = (a, w) in R^{p+1}. ``fixed``: the
@@ -142,7 +147,7 @@ def _cap(max_samples, k):
     return None if max_samples is None else max(int(max_samples), k + 1)
 
 
-def free_energy_estimate(problem, a, w, k: int = 3, max_samples: int | str | None = "auto", f=None) -> dict:
+def free_energy_estimate(problem, a, w, k: int = KNN_K, max_samples: int | str | None = "auto", f=None) -> dict:
     """F_KL(rho_N) = R + (lam/2) E|theta|^2 - tau H_kNN, with its parts (all float64).
 
     Keys: ``risk``, ``reg_risk`` (R + (lam/2) E|theta|^2), ``entropy`` (H_kNN),
@@ -154,11 +159,9 @@ def free_energy_estimate(problem, a, w, k: int = 3, max_samples: int | str | Non
     N x n evaluation; :func:`mfld.duality.certify` computes it anyway). Mean-field
     scaling only (the free energy is undefined under NTK scaling).
     """
-    from mfld.duality import _network_output, _spec  # local import: duality imports this module
-
-    spec = _spec(problem, need_tau=False)
+    spec = make_spec(problem, need_tau=False)
     a64, w64 = upcast_particles(a, w)
-    f = _network_output(spec, a64, w64) if f is None else np.asarray(f, dtype=np.float64)
+    f = network_output(spec, a64, w64) if f is None else np.asarray(f, dtype=np.float64)
     risk = float(np.mean(spec.loss_value(f, spec.y)))
     m2 = float(np.mean(np.sum(w64 * w64, axis=1)))
     if spec.output != "fixed":

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import expit, logsumexp
 
-from mfld import duality
-from mfld.app.rundir import jsonable
-from mfld.duality import _closed_form, _eval_nodes, _mc_nodes, _Quadrature, _spec
+from mfld import choices, gibbs
 from mfld.errors import ConfigError, TheoryNotApplicable
+from mfld.gibbs import Quadrature, closed_form, evaluate_nodes, make_spec, mc_nodes
+from mfld.serialize import jsonable
 
 __all__ = ["Optimum", "solve_optimum", "maximise_dual"]
 
@@ -183,13 +183,13 @@ class Optimum:
             raise ConfigError("sampling rho* needs the problem: pass problem= to Optimum.from_json",
                               field="problem")
         rng = np.random.default_rng(_seed_of(key_or_seed))
-        spec = _spec(self.problem, self.plus_fraction)
+        spec = make_spec(self.problem, self.plus_fraction)
         n = int(n)
         if n < 1:
             raise ConfigError("number of samples must be positive", field="n", value=n)
         lam, tau = spec.lam, spec.tau
         if spec.output == "fixed":
-            n_plus = int(round(spec.plus_fraction * n))
+            n_plus = choices.plus_count(spec.plus_fraction, n)
             signs = np.where(np.arange(n) < n_plus, 1.0, -1.0)
             w = np.empty((n, spec.p))
             for s in (1.0, -1.0):
@@ -202,7 +202,7 @@ class Optimum:
         if spec.output == "trained":
             a = -g / lam + math.sqrt(tau / lam) * rng.standard_normal(n)
         else:
-            _, _, _, (ag, ta) = duality._bounded_inner(spec, g)
+            _, _, _, (ag, ta) = gibbs.bounded_inner(spec, g)
             lw = -0.5 * lam / tau * ag[None, :] ** 2 - (spec.r_out / tau) * np.outer(g, ta)
             pr = np.exp(lw - logsumexp(lw, axis=1, keepdims=True))
             cum = np.cumsum(pr, axis=1)
@@ -222,9 +222,9 @@ class Optimum:
         if self.method == "quadrature":
             nodes = self._nodes()
         else:
-            nodes = _mc_nodes(spec, max(65536, 64 * n), int(rng.integers(2 ** 31)), self.u)
+            nodes = mc_nodes(spec, max(65536, 64 * n), int(rng.integers(2 ** 31)), self.u)
         g = nodes.matvec(spec, self.u) / spec.n
-        comps, _, _ = duality._components(spec, g)
+        comps, _, _ = gibbs.components(spec, g)
         if spec.output == "fixed":
             lc = next(c[1] for c in comps if c[2][0] == group)
         else:
@@ -239,8 +239,8 @@ class Optimum:
 
     def _nodes(self):
         if self.__dict__.get("_node_cache") is None:
-            spec = _spec(self.problem, self.plus_fraction)
-            self.__dict__["_node_cache"], _ = _Quadrature(spec, self.u).fixed(self.u)
+            spec = make_spec(self.problem, self.plus_fraction)
+            self.__dict__["_node_cache"], _ = Quadrature(spec, self.u).fixed(self.u)
         return self.__dict__["_node_cache"]
 
     # ---- JSON ----
@@ -304,7 +304,7 @@ def _moments_closed(spec, u):
 
 def _moments_nodes(spec, nodes, u):
     g = nodes.matvec(spec, u) / spec.n
-    comps, _, _ = duality._components(spec, g)
+    comps, _, _ = gibbs.components(spec, g)
     w = nodes.w
     lam, tau = spec.lam, spec.tau
     if spec.output == "fixed":
@@ -322,7 +322,7 @@ def _moments_nodes(spec, nodes, u):
         ea = -g / lam
         ea2 = ea * ea + tau / lam
     else:
-        _, _, _, (ag, ta) = duality._bounded_inner(spec, g)
+        _, _, _, (ag, ta) = gibbs.bounded_inner(spec, g)
         lwa = -0.5 * lam / tau * ag[None, :] ** 2 - (spec.r_out / tau) * np.outer(g, ta)
         pa = np.exp(lwa - logsumexp(lwa, axis=1, keepdims=True))
         ea, ea2 = pa @ ag, pa @ (ag * ag)
@@ -347,7 +347,7 @@ def _feasible_start(spec, method, n_samples, seed, halvings: int = 40):
     scale = 0.5
     for _ in range(halvings + 1):
         u0 = -scale * spec.y
-        if np.isfinite(duality._evaluate_spec(spec, u0, method, min(n_samples, 8192), seed).D):
+        if np.isfinite(gibbs.evaluate_spec(spec, u0, method, min(n_samples, 8192), seed).D):
             return u0
         scale *= 0.5
     raise TheoryNotApplicable(
@@ -356,7 +356,7 @@ def _feasible_start(spec, method, n_samples, seed, halvings: int = 40):
 
 
 def _solve_closed(spec, u0, info, solver):
-    u, ev, sinfo = maximise_dual(spec, lambda v: _closed_form(spec, v), u0, **solver)
+    u, ev, sinfo = maximise_dual(spec, lambda v: closed_form(spec, v), u0, **solver)
     mean, cov = _moments_closed(spec, u)
     info.update(sinfo)
     return u, ev, max(ev.F - ev.D, 0.0), mean, cov
@@ -366,15 +366,15 @@ def _solve_quadrature(spec, u, info, solver, memory_budget, work):
     """Maximise on a fixed grid, re-chosen at the maximiser until it is stable (<= 4 rounds)."""
     nodes = None
     for round_ in range(4):
-        new_nodes, _ = _Quadrature(spec, u, memory_budget=memory_budget, max_work=work).fixed(u)
+        new_nodes, _ = Quadrature(spec, u, memory_budget=memory_budget, max_work=work).fixed(u)
         if nodes is not None and new_nodes.w.shape == nodes.w.shape and new_nodes.h == nodes.h:
             break
         nodes = new_nodes
-        u, _, sinfo = maximise_dual(spec, lambda v, nd=nodes: _eval_nodes(spec, nd, v), u, **solver)
+        u, _, sinfo = maximise_dual(spec, lambda v, nd=nodes: evaluate_nodes(spec, nd, v), u, **solver)
         info.update(sinfo, rounds=round_ + 1)
-    final = _Quadrature(spec, u, memory_budget=memory_budget, max_work=work).evaluate(u)
+    final = Quadrature(spec, u, memory_budget=memory_budget, max_work=work).evaluate(u)
     if "nodes_obj" not in final.info:
-        exc = duality.QuadratureOverBudget if final.withheld == 6 else TheoryNotApplicable
+        exc = gibbs.QuadratureOverBudget if final.withheld == 6 else TheoryNotApplicable
         raise exc(final.reason or "the quadrature could not evaluate D at the maximiser")
     mean, cov = _moments_nodes(spec, final.info["nodes_obj"], u)
     info.update(nodes=int(final.info["nodes"]), h=float(final.info["h"]), radius=float(final.info["radius"]),
@@ -384,21 +384,21 @@ def _solve_quadrature(spec, u, info, solver, memory_budget, work):
 
 def _solve_mc(spec, u, info, solver, *, tol, n_samples, max_samples, seed, memory_budget):
     """Maximise on a fixed adapted sample, doubled until F* is stable; evaluate on a fresh one."""
-    cap = duality._mc_cap(spec, memory_budget)
+    cap = gibbs.mc_sample_cap(spec, memory_budget)
     M, max_samples = min(int(n_samples), cap), min(int(max_samples), cap)
     prev, history, level, sinfo = None, [], 0, {}
     while True:
-        nodes = _mc_nodes(spec, M, seed + 1000 * level, u)  # proposal adapted at the current u
-        u, ev, sinfo = maximise_dual(spec, lambda v, nd=nodes: _eval_nodes(spec, nd, v), u, **solver)
-        ev = _eval_nodes(spec, nodes, u, stats=True)
+        nodes = mc_nodes(spec, M, seed + 1000 * level, u)  # proposal adapted at the current u
+        u, ev, sinfo = maximise_dual(spec, lambda v, nd=nodes: evaluate_nodes(spec, nd, v), u, **solver)
+        ev = evaluate_nodes(spec, nodes, u, stats=True)
         history.append((M, ev.D, ev.se_D))
         if prev is not None and abs(ev.D - prev.D) <= max(tol, 2 * math.hypot(ev.se_D, prev.se_D)):
             break
         if 2 * M > max_samples:
             break
         prev, M, level = ev, M * 2, level + 1
-    fresh = _mc_nodes(spec, M, seed + 7_777_777, u)
-    final = _eval_nodes(spec, fresh, u, stats=True)
+    fresh = mc_nodes(spec, M, seed + 7_777_777, u)
+    final = evaluate_nodes(spec, fresh, u, stats=True)
     mean, cov = _moments_nodes(spec, fresh, u)
     info.update(sinfo, samples=M, ess=float(final.ess), se=float(final.se_D), pareto_k=float(final.pareto_k),
                 ess_low=bool(final.ess_low), sample_history=[list(h) for h in history],
@@ -423,12 +423,12 @@ def solve_optimum(problem, *, tol: float = 1e-6, method: str = "auto", n_samples
     proposal adapted at each round's u) when the quadrature grid does not fit the memory
     budget (``info["fallback"]`` says why). Refuses tau = 0 and NTK scaling.
     """
-    spec = _spec(problem, plus_fraction)
-    m = duality._choose_method(spec, method)
+    spec = make_spec(problem, plus_fraction)
+    m = gibbs.choose_method(spec, method)
     info: dict = {"method": m}
-    work = duality.QUAD_AUTO_WORK if method == "auto" else duality.QUAD_MAX_WORK
+    work = gibbs.QUAD_AUTO_WORK if method == "auto" else gibbs.QUAD_MAX_WORK
     if m == "quadrature":
-        quad = _Quadrature(spec, np.zeros(spec.n), memory_budget=memory_budget, max_work=work)
+        quad = Quadrature(spec, np.zeros(spec.n), memory_budget=memory_budget, max_work=work)
         if quad.unresolved is not None and quad.unresolved[0] == 6 and method == "auto":
             info["fallback"] = quad.unresolved[1] + "; Monte Carlo with an adapted proposal used instead"
             m = info["method"] = "mc"
@@ -439,7 +439,7 @@ def solve_optimum(problem, *, tol: float = 1e-6, method: str = "auto", n_samples
     elif m == "quadrature":
         try:
             u, final, err, mean, cov = _solve_quadrature(spec, u0, info, solver, memory_budget, work)
-        except duality.QuadratureOverBudget as exc:
+        except gibbs.QuadratureOverBudget as exc:
             if method != "auto":
                 raise
             info["fallback"] = f"{exc}; Monte Carlo with an adapted proposal used instead"

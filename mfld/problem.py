@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mfld import choices
 from mfld.activations import Activation, get_activation
 from mfld.errors import ConfigError
 from mfld.losses import Loss, get_loss
 
-OUTPUTS = ("trained", "fixed", "bounded")
-SCALINGS = ("mean_field", "ntk")
+OUTPUTS = choices.OUTPUTS
+SCALINGS = choices.SCALINGS
 
 
 @jax.tree_util.register_dataclass
@@ -81,15 +82,15 @@ class Problem:
             raise ConfigError("output bound must be positive", field="model.r_out", value=r_out,
                               allowed="r_out > 0")
         dtype = dtype or jnp.result_type(float)
-        xf, yf = _check_xy(x, y, "data", lss)
+        xf, yf = _check_xy(x, y, ("x", "y"), lss)
         xt = yt = None
         if (x_test is None) != (y_test is None):
-            raise ConfigError("give both x_test and y_test or neither", field="data.test")
+            raise ConfigError("give both x_test and y_test or neither", field="x_test, y_test")
         if x_test is not None:
-            xt, yt = _check_xy(x_test, y_test, "data.test", lss)
+            xt, yt = _check_xy(x_test, y_test, ("x_test", "y_test"), lss)
             if xt.shape[1] != xf.shape[1]:
                 raise ConfigError(f"test inputs have {xt.shape[1]} columns but training inputs "
-                                  f"have {xf.shape[1]}", field="data.x_test")
+                                  f"have {xf.shape[1]}", field="x_test")
         if bias:
             xf = _append_one(xf)
             xt = None if xt is None else _append_one(xt)
@@ -140,31 +141,32 @@ def _finite_scalar(v, name):
     return f
 
 
-def _check_xy(x, y, where, loss: Loss):
+def _check_xy(x, y, names, loss: Loss):
+    xname, yname = names  # the argument names, for the errors
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.ndim == 1:
         x = x[:, None]
     if x.ndim != 2:
-        raise ConfigError(f"inputs must be a 2-D array (n, d), got shape {x.shape}", field=f"{where}.x")
+        raise ConfigError(f"inputs must be a 2-D array (n, d), got shape {x.shape}", field=xname)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
-        raise ConfigError(f"targets must be a 1-D array (n,), got shape {y.shape}", field=f"{where}.y")
+        raise ConfigError(f"targets must be a 1-D array (n,), got shape {y.shape}", field=yname)
     if x.shape[0] != y.shape[0]:
-        raise ConfigError(f"inputs have {x.shape[0]} rows but targets have {y.shape[0]}", field=f"{where}.y")
+        raise ConfigError(f"inputs have {x.shape[0]} rows but targets have {y.shape[0]}", field=yname)
     if x.shape[0] == 0:
-        raise ConfigError("no data points", field=f"{where}.x", allowed="at least one row")
+        raise ConfigError("no data points", field=xname, allowed="at least one row")
     if x.shape[1] == 0:
-        raise ConfigError("inputs have no columns", field=f"{where}.x", allowed="at least one column")
+        raise ConfigError("inputs have no columns", field=xname, allowed="at least one column")
     if not np.all(np.isfinite(x)):
-        raise ConfigError("inputs contain NaN or inf", field=f"{where}.x")
+        raise ConfigError("inputs contain NaN or inf", field=xname)
     if not np.all(np.isfinite(y)):
-        raise ConfigError("targets contain NaN or inf", field=f"{where}.y")
+        raise ConfigError("targets contain NaN or inf", field=yname)
     if loss.classification and not np.all(np.isin(y, (-1.0, 1.0))):
         bad = np.unique(y[~np.isin(y, (-1.0, 1.0))])[:5]
         raise ConfigError(f"logistic loss needs labels in {{-1, +1}}, found {bad.tolist()}",
-                          field=f"{where}.y", allowed="-1 and +1")
+                          field=yname, allowed="-1 and +1")
     return x, y
 
 

@@ -119,13 +119,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     given = [v is not None for v in (coordinator, num_processes, process_id)]
     if any(given) and not all(given):
         raise ConfigError("give coordinator, num_processes and process_id together (or none for "
-                          "auto-detection)", field="distributed",
+                          "auto-detection)", field="coordinator, num_processes, process_id",
                           value=dict(coordinator=coordinator, num_processes=num_processes, process_id=process_id))
     if all(given):
         if int(num_processes) < 1:
-            raise ConfigError("must be a positive integer", field="distributed.num_processes", value=num_processes)
+            raise ConfigError("must be a positive integer", field="num_processes", value=num_processes)
         if not 0 <= int(process_id) < int(num_processes):
-            raise ConfigError("process id out of range", field="distributed.process_id", value=process_id,
+            raise ConfigError("process id out of range", field="process_id", value=process_id,
                               allowed=f"0..{int(num_processes) - 1}")
         address = _check_address(coordinator, "--coordinator")
         jax.distributed.initialize(coordinator_address=address, num_processes=int(num_processes),

@@ -359,7 +359,7 @@ RUN_CASES += [
                                                  "--process-id", "0"], "--coordinator", "99999"),
     ("process-id-out-of-range", lambda t: ["--coordinator", "127.0.0.1:1234", "--num-processes", "2",
                                            "--process-id", "5"], "process_id", "5"),
-    ("coordinator-partial", lambda t: ["--coordinator", "127.0.0.1:1234"], "distributed", "together"),
+    ("coordinator-partial", lambda t: ["--coordinator", "127.0.0.1:1234"], "num_processes", "together"),
     ("coordinator-bind-alone", lambda t: ["--coordinator-bind", "0.0.0.0:1234"], "--coordinator-bind",
      "multi-process"),
     ("steps-option-not-a-number", lambda t: ["--devices", "two"], "--devices", "two"),

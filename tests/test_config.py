@@ -380,3 +380,14 @@ def test_python_structures_that_share_lists_are_bounded_too():
         shared = [shared, shared]
     with pytest.raises(ConfigError, match="more than 100000 values"):
         cfgmod.apply_overrides({"data": {"params": {"n": shared}}}, None)
+
+
+def test_closed_form_certificate_is_accepted_where_it_applies_and_refused_elsewhere():
+    # one vocabulary: the config accepts every method mfld.gibbs implements (it refused
+    # closed_form, which the library accepts), and refuses it up front where it does not apply
+    ok = cfgmod.load(None, ["record.certify_method=closed_form", "model.activation=linear"])
+    assert ok.record.certify_method == "closed_form"
+    for bad in (["model.activation=tanh"], ["model.activation=linear", "model.output=bounded"]):
+        with pytest.raises(ConfigError) as err:
+            cfgmod.load(None, ["record.certify_method=closed_form", *bad])
+        assert err.value.field == "record.certify_method" and "linear activation" in str(err.value)

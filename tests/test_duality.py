@@ -16,8 +16,8 @@ import pytest
 
 from mfld import duality, reference
 from mfld.data import teacher_student
-from mfld.duality import _eval_nodes, _Quadrature, _spec
 from mfld.errors import ConfigError, TheoryNotApplicable
+from mfld.gibbs import Quadrature, evaluate_nodes, make_spec
 from mfld.problem import Problem
 
 
@@ -126,18 +126,18 @@ def test_fixed_layer_sign_groups_differ_for_sigmoid():
                                              ("fixed", "sigmoid", "squared"), ("bounded", "erf", "squared")])
 def test_gradient_matches_finite_differences(output, act, loss):
     pr = _problem(act, output=output, loss=loss, bias=True)
-    spec = _spec(pr, 0.6)
+    spec = make_spec(pr, 0.6)
     y = np.asarray(pr.y, dtype=np.float64)
     u = -0.4 * y if loss == "logistic" else -y
-    nodes, _ = _Quadrature(spec, u).fixed(u)
-    ev = _eval_nodes(spec, nodes, u)
+    nodes, _ = Quadrature(spec, u).fixed(u)
+    ev = evaluate_nodes(spec, nodes, u)
     rng = np.random.default_rng(0)
     for _ in range(3):
         v = rng.standard_normal(u.shape)
         if loss == "logistic":
             v *= -y  # keep -u y inside (0, 1)
         e = 1e-5
-        num = (_eval_nodes(spec, nodes, u + e * v).D - _eval_nodes(spec, nodes, u - e * v).D) / (2 * e)
+        num = (evaluate_nodes(spec, nodes, u + e * v).D - evaluate_nodes(spec, nodes, u - e * v).D) / (2 * e)
         # central difference: O(e^2) truncation, O(1e-16/e) rounding
         assert num == pytest.approx(float(ev.grad @ v), rel=1e-6, abs=1e-9)
 
@@ -200,7 +200,7 @@ def test_divergent_gibbs_integral_is_not_certified_finite():
             assert ev.D == -math.inf and ev.F == math.inf
             assert "diverges" in ev.info["reason"]
             with pytest.raises(TheoryNotApplicable, match="not finite"):
-                _Quadrature(_spec(pr), u).fixed(u)
+                Quadrature(make_spec(pr), u).fixed(u)
         else:
             assert np.isfinite(ev.D) and np.isfinite(ev.F) and ev.D <= ev.F
 

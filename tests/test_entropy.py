@@ -114,13 +114,13 @@ def test_unreliable_dimension_uses_a_strided_subsample():
 def test_free_energy_estimate_takes_the_callers_network_output():
     """``f=`` (the output certify has already computed) gives the same numbers; a wrong f
     changes the risk, so it is really used."""
-    from mfld.duality import _network_output, _spec
+    from mfld.gibbs import make_spec, network_output
 
     rng = np.random.default_rng(4)
     x = rng.uniform(-1, 1, (30, 1))
     with jax.enable_x64(True):
         pr = Problem.create(x, np.sin(3 * x[:, 0]), lam=0.1, tau=0.05)
     a, w = rng.standard_normal(500), rng.standard_normal((500, 2))
-    f = _network_output(_spec(pr), a, w)
+    f = network_output(make_spec(pr), a, w)
     assert free_energy_estimate(pr, a, w, f=f) == free_energy_estimate(pr, a, w)
     assert free_energy_estimate(pr, a, w, f=f + 0.1)["risk"] != free_energy_estimate(pr, a, w)["risk"]

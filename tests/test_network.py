@@ -157,14 +157,14 @@ def test_problem_create_rejects_bad_settings(kwargs, field):
 def test_problem_create_rejects_bad_data():
     x, y = _xy()
     cases = [
-        (lambda: Problem.create(x, y[:5]), "data.y"),
-        (lambda: Problem.create(x[None], y), "data.x"),
-        (lambda: Problem.create(np.where(np.eye(6, 2) > 0, np.nan, x), y), "data.x"),
-        (lambda: Problem.create(x, np.r_[y[:5], np.inf]), "data.y"),
-        (lambda: Problem.create(x[:0], y[:0]), "data.x"),
-        (lambda: Problem.create(x, y, loss="logistic"), "data.y"),
-        (lambda: Problem.create(x, y, x_test=x), "data.test"),
-        (lambda: Problem.create(x, y, x_test=x[:, :1], y_test=y), "data.x_test"),
+        (lambda: Problem.create(x, y[:5]), "y"),
+        (lambda: Problem.create(x[None], y), "x"),
+        (lambda: Problem.create(np.where(np.eye(6, 2) > 0, np.nan, x), y), "x"),
+        (lambda: Problem.create(x, np.r_[y[:5], np.inf]), "y"),
+        (lambda: Problem.create(x[:0], y[:0]), "x"),
+        (lambda: Problem.create(x, y, loss="logistic"), "y"),
+        (lambda: Problem.create(x, y, x_test=x), "x_test, y_test"),
+        (lambda: Problem.create(x, y, x_test=x[:, :1], y_test=y), "x_test"),
     ]
     for make, field in cases:
         with pytest.raises(ConfigError) as err:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from mfld import duality, dynamics, reference
+from mfld import duality, dynamics, gibbs, reference
 from mfld.data import teacher_student
 from mfld.optimum import Optimum, solve_optimum
 from mfld.problem import Problem
@@ -117,11 +117,11 @@ def test_infeasible_start_raises_theory_not_applicable():
 
     x, y = _data(n=8)
     pr = _problem(x, y, activation="linear", lam=1.0, tau=0.2)
-    spec = duality._spec(pr)
+    spec = gibbs.make_spec(pr)
     u_bad = np.asarray(pr.x, np.float64)[:, 0] * 50.0  # |c(u)| >> lam: D = -inf
     assert duality.evaluate(pr, u_bad).D == -math.inf
     with pytest.raises(TheoryNotApplicable, match="starting point"):
-        maximise_dual(spec, lambda v: duality._closed_form(spec, v), u_bad)
+        maximise_dual(spec, lambda v: gibbs.closed_form(spec, v), u_bad)
 
 
 def test_linear_sampler_and_json_roundtrip():

@@ -199,7 +199,7 @@ def test_settings_are_validated():
     assert sharding.padded_count(101, 4) == 104 and sharding.padded_count(8, 4) == 8
     with pytest.raises(ConfigError, match="devices"):
         sharding.make_mesh(len(jax.devices()) + 1)
-    with pytest.raises(ConfigError, match="distributed"):
+    with pytest.raises(ConfigError, match="coordinator, num_processes, process_id"):
         sharding.initialize("127.0.0.1:1234", None, 0)
     with pytest.raises(ConfigError, match="process_id"):
         sharding.initialize("127.0.0.1:1234", 2, 5)
@@ -311,5 +311,5 @@ def test_cli_bad_device_settings_are_one_line_errors(tmp_path):
     (rc, out, err), (rc2, out2, err2) = _finish([_cli("--devices", "0", "--out", str(tmp_path / "a")),
                                                  _cli("--coordinator", "127.0.0.1:1", "--out", str(tmp_path / "b"))])
     assert rc == 2 and err.strip().count("\n") == 0 and "devices" in err, err
-    assert rc2 == 2 and err2.strip().count("\n") == 0 and "distributed" in err2, err2
+    assert rc2 == 2 and err2.strip().count("\n") == 0 and "num_processes" in err2, err2
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -10,8 +10,9 @@ Each output is produced in its own fresh process (``mfld run`` on the embedded d
 ``mfld experiment NAME --quick`` for every registered experiment) and every file it writes is
 hashed (SHA-256), figures included, after removing what is a clock reading rather than a result:
 ``env.json`` (versions, host), wall-time fields of JSON and CSV files (``wall_time``,
-``run_time_s``, ``wall_s``, ``created``, keys ending in ``_s`` that hold seconds), and wall-time
-phrases in reports and figure-free text. Two fingerprints of one commit agree (checked with
+``created``, keys ending in ``_s``, which hold seconds; in ``.mfld-run`` the checksum of
+``env.json``), wall-time phrases and time columns of tables in reports; ``real_data.png``
+(a panel of wall times) is not hashed. Two fingerprints of one commit agree (checked with
 ``--compare`` against a second run); a difference names the file and, for CSV/JSON, the first
 differing field.
 
@@ -33,10 +34,28 @@ import tempfile
 from pathlib import Path
 
 # keys whose values are clock readings, not results
-_TIME_KEYS = re.compile(r"^(wall_time|run_time_s|wall_s|created|time_s|seconds|elapsed.*|.*_wall_s|wall.*)$")
+_TIME_KEYS = re.compile(r"^(wall_time|created|seconds|elapsed.*|wall.*|.*_s|argv|env\.json)$")
 # phrases with a wall time in prose (reports, logs)
-_TIME_TEXT = re.compile(r"(?i)((?:wall[ -]?time|time=|took|fit \+ predict)[^0-9\n]{0,40})[0-9][0-9.,]*(?:e[-+]?\d+)?(\s*(?:min|s|ms)\b)?")
-_SKIP = {"env.json"}
+_TIME_TEXT = re.compile(r"(?i)((?:wall[ -]?time|time=|took|fit \+ predict)[^0-9\n]{0,40})"
+                        r"[0-9][0-9.,]*(?:e[-+]?\d+)?(\s*(?:min|s|ms)\b)?")
+# files that are clock readings (versions and host; a figure with a wall-time panel)
+_SKIP = {"env.json", "real_data.png"}
+
+
+def _canon_md(text: str) -> str:
+    """Wall-time phrases replaced; in Markdown tables, the cells of time columns blanked."""
+    text = _TIME_TEXT.sub(lambda m: m.group(1) + "<time>", text)
+    out, drop = [], None
+    for line in text.split("\n"):
+        if line.startswith("|"):
+            cells = line.split("|")
+            if drop is None:
+                drop = {i for i, c in enumerate(cells) if _TIME_KEYS.match(c.strip().strip("`"))}
+            line = "|".join("<time>" if i in drop else c for i, c in enumerate(cells))
+        else:
+            drop = None
+        out.append(line)
+    return "\n".join(out)
 
 
 def _canon_json(obj):
@@ -71,7 +90,7 @@ def canonical_bytes(path: Path) -> bytes:
     if suffix == ".csv":
         return _canon_csv(raw.decode()).encode()
     if suffix in (".md", ".txt", ".log", ".yaml"):
-        return _TIME_TEXT.sub(lambda m: m.group(1) + "<time>", raw.decode()).encode()
+        return _canon_md(raw.decode()).encode()
     return raw
 
 

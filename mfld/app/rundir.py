@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from mfld.errors import ConfigError, short_repr
+from mfld.serialize import jsonable
 
 METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.npz"
@@ -114,27 +115,6 @@ def json_text(obj) -> str:
 def write_json(path, obj) -> None:
     """``obj`` as strict JSON (:func:`json_text`), atomically."""
     atomic_write_text(path, json_text(obj))
-
-
-def jsonable(o, *, nonfinite_as_str: bool = False, nonfinite_as_null: bool = False):
-    """``o`` with NumPy arrays/scalars, tuples and dict keys made JSON-native (recursively).
-    ``nonfinite_as_str``: nan/inf floats become the strings "nan", "inf", "-inf";
-    ``nonfinite_as_null``: they become None (``null``). Either gives strict JSON."""
-    kw = dict(nonfinite_as_str=nonfinite_as_str, nonfinite_as_null=nonfinite_as_null)
-    if isinstance(o, dict):
-        return {str(k): jsonable(v, **kw) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [jsonable(v, **kw) for v in o]
-    if isinstance(o, np.ndarray):
-        return jsonable(o.tolist(), **kw)
-    if isinstance(o, (np.floating, np.integer, np.bool_)):
-        o = o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        if nonfinite_as_null:
-            return None
-        if nonfinite_as_str:
-            return str(o)
-    return o
 
 
 def format_float(v) -> str:
@@ -324,7 +304,7 @@ def read_config(path) -> dict:
     text = read_text(path, cfgmod.MAX_YAML_BYTES)
     try:
         data = cfgmod.safe_load(text)
-    except cfgmod._YAMLProblem as e:  # noqa: SLF001
+    except cfgmod.YAMLProblem as e:
         raise RunFileError(path, f"YAML refused: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
