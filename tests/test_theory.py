@@ -92,8 +92,6 @@ def test_default_bound_is_within_three_percent_of_the_grid_poincare_constant():
     # term (the 48 -> 96 change is ~1%, so what is left is well below 0.5%). Observed:
     # bound / C_P = 0.981. The crude Lipschitz constant 1 + s gives 0.935, a Lipschitz
     # constant 1.5x too large 0.44; one that inflates the bound breaks bound <= C_P.
-    from mfld import grid as G
-
     lam, tau = 1.0, 0.3
     pb = _problem(lam=lam, tau=tau, activation="tanh")
     x = np.asarray(pb.x, np.float64)[:, 0]
