@@ -22,12 +22,12 @@ from mfld.problem import Problem
 
 
 def _problem(activation="tanh", *, n=24, d=1, bias=False, lam=0.2, tau=0.1, loss="squared", output="trained",
-             seed=3, scale=0.6):
+             seed=3, scale=0.6, r_out=1.0):
     ds = teacher_student(n=n, d=d, teacher_scale=scale, bias=True, n_test=0, seed=seed)
     y = np.sign(ds.y) + (ds.y == 0) if loss == "logistic" else ds.y
     with jax.enable_x64(True):
         return Problem.create(ds.x, y, activation=activation, loss=loss, lam=lam, tau=tau, bias=bias,
-                              output=output)
+                              output=output, r_out=r_out)
 
 
 def _u_with_c(pr, frac, seed=0):
@@ -219,6 +219,70 @@ def test_refusals():
 
 
 # ---------------------------------------------------------------------------------------
+# An independent reference: the Gibbs integral written out on a grid (d = 1, no bias)
+# ---------------------------------------------------------------------------------------
+
+
+def _gibbs_reference(x, y, u, act, output, lam, tau, *, r_out=1.0, plus=0.5, h=0.04, half=12.0):
+    """D(u), F(rho_hat_u) and f_hat from THEORY 6 and 8 written out with NumPy only: the
+    trapezoid rule on [-half, half] in each of a and w (no analytic a-integral, no library
+    code). Squared loss: l*(u, y) = u^2/2 + u y. Returns (D, F, f_hat, log Z)."""
+    from scipy.special import expit, logsumexp
+
+    sig = {"tanh": np.tanh, "sigmoid": expit}[act]
+    t = np.arange(-half, half + h / 2, h)
+    S = sig(np.outer(t, x))  # (m_w, n): sigma(w x_j)
+    g = S @ u / len(x)  # g_u(w)
+    conj = np.mean(0.5 * u * u + u * y)
+    if output == "fixed":
+        tau_log_z, f = 0.0, np.zeros(len(x))
+        for s, pi in ((1.0, plus), (-1.0, 1.0 - plus)):
+            lw = -(s * g + 0.5 * lam * t * t) / tau
+            lz = logsumexp(lw) + math.log(h)
+            tau_log_z += pi * tau * lz
+            f += pi * s * (np.exp(lw - lz) * h) @ S
+    else:
+        phi_a = t if output == "trained" else r_out * np.tanh(t)  # a or r_out tanh(a)
+        lw = -(phi_a[:, None] * g[None, :] + 0.5 * lam * (t[:, None] ** 2 + t[None, :] ** 2)) / tau
+        lz = logsumexp(lw) + 2 * math.log(h)
+        rho = np.exp(lw - lz) * h * h  # (m_a, m_w)
+        tau_log_z = tau * lz
+        f = (phi_a @ rho) @ S
+    D = -conj - tau_log_z
+    F = 0.5 * np.mean((f - y) ** 2) - np.mean(u * f) - tau_log_z
+    return D, F, f, tau_log_z / tau
+
+
+_REF_CASES = [("trained", "tanh", {}), ("fixed", "sigmoid", {"plus": 0.7}), ("bounded", "tanh", {"r_out": 1.5})]
+
+
+@pytest.mark.parametrize("output,act,kw", _REF_CASES)
+def test_evaluate_matches_the_written_out_gibbs_integral(output, act, kw):
+    # The reference shares no code with mfld (the Monte Carlo/quadrature comparisons above
+    # share the library's a-integral and node evaluation, so an error there is invisible to
+    # them). Error model: the trapezoid rule on an analytic integrand converges like
+    # exp(-2 pi delta / h), delta the half-width of the strip of analyticity: tanh(w x) has
+    # poles at |Im w| = pi/(2 max|x|) (>= 0.5 here), tanh(a) at pi/2, the rest is entire; at
+    # h = 0.04 that is < e^-70. Truncation at |a|, |w| = 12: the Gibbs factor
+    # exp(-lam theta^2/(2 tau)) there is e^-144 times a tilt of at most e^(|a| max|g|/tau).
+    # The library's own error is err_D (quadrature tolerance 1e-11); 1e-12 covers rounding.
+    pr = _problem(act, output=output, **({"r_out": kw["r_out"]} if "r_out" in kw else {}))
+    x = np.asarray(pr.x, np.float64)[:, 0]
+    y = np.asarray(pr.y, np.float64)
+    assert np.pi / (2 * np.max(np.abs(x))) > 0.5
+    u = -0.8 * y + 0.05 * np.cos(np.arange(pr.n))  # not a multiple of y
+    plus = kw.get("plus", 0.5)
+    D, F, f, log_z = _gibbs_reference(x, y, u, act, output, float(pr.lam), float(pr.tau),
+                                      r_out=kw.get("r_out", 1.0), plus=plus)
+    ev = duality.evaluate(pr, u, plus_fraction=plus)
+    assert ev.method == "quadrature" and ev.certified
+    assert ev.D == pytest.approx(D, abs=1e-12 + ev.err_D)
+    assert ev.F == pytest.approx(F, abs=1e-12 + ev.err_F)
+    np.testing.assert_allclose(ev.f_hat, f, rtol=0, atol=1e-11)
+    assert duality.log_partition(pr, u, plus_fraction=plus)[0] == pytest.approx(log_z, abs=1e-11)
+
+
+# ---------------------------------------------------------------------------------------
 # certify: the run-loop contract
 # ---------------------------------------------------------------------------------------
 
@@ -235,7 +299,7 @@ def test_certify_contract_float32_particles():
         assert k in out and isinstance(out[k], float)
     assert out["certified"] == 1.0 and math.isnan(out["ess"])
     assert out["dual_lower"] <= out["primal_upper"]
-    assert out["gap"] == pytest.approx(out["primal_upper"] - out["dual_lower"])
+    # the values of the bounds and of the gap: test_certify_matches_the_written_out_gibbs_integral
 
 
 def test_certify_computes_in_float64_from_float32_particles():
@@ -282,8 +346,35 @@ def test_certify_dual_point_is_the_particles_residual():
     u = duality.residual_weights(pr, a, w)
     f = (a @ np.tanh(w @ np.asarray(pr.x, np.float64).T)) / 300
     np.testing.assert_allclose(u, f - np.asarray(pr.y, np.float64), atol=1e-12)
-    out = duality.certify(pr, a, w)
-    assert out["dual_value"] == pytest.approx(duality.dual(pr, u), abs=1e-12)
+
+
+@pytest.mark.parametrize("output,act,kw", _REF_CASES)
+def test_certify_matches_the_written_out_gibbs_integral(output, act, kw):
+    # certify at float32 particles: D and F(rho_hat_u) at the particles' float64 residual
+    # u = f - y (formed here by hand) against the reference above (error model there); the
+    # bounds bracket the reference values, and the gap is the reference's F - D.
+    pr = _problem(act, output=output, **({"r_out": kw["r_out"]} if "r_out" in kw else {}))
+    plus = kw.get("plus", 0.5)
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal(300).astype(np.float32)
+    if output == "fixed":
+        a = np.where(np.arange(300) < round(plus * 300), 1.0, -1.0).astype(np.float32)
+    w = rng.standard_normal((300, 1)).astype(np.float32)
+    x = np.asarray(pr.x, np.float64)[:, 0]
+    y = np.asarray(pr.y, np.float64)
+    sig = np.tanh if act == "tanh" else (lambda z: 0.5 * (1 + np.tanh(z / 2)))
+    a64 = kw.get("r_out", 1.0) * np.tanh(a.astype(np.float64)) if output == "bounded" else a.astype(np.float64)
+    u = a64 @ sig(np.outer(w[:, 0].astype(np.float64), x)) / 300 - y
+    D, F, _, _ = _gibbs_reference(x, y, u, act, output, float(pr.lam), float(pr.tau),
+                                  r_out=kw.get("r_out", 1.0), plus=plus)
+    out = duality.certify(pr, a, w, plus_fraction=plus)
+    assert out["certified"] == 1.0 and out["withheld"] == 0.0
+    err = out["dual_value"] - out["dual_lower"]
+    assert 0 <= err < 1e-10
+    assert out["dual_value"] == pytest.approx(D, abs=1e-12 + err)
+    assert out["primal_value"] == pytest.approx(F, abs=1e-12 + err)
+    assert out["dual_lower"] <= D + 1e-12 and out["primal_upper"] >= F - 1e-12
+    assert out["gap"] == pytest.approx(F - D, abs=1e-12 + 4 * err)
 
 
 # ---------------------------------------------------------------------------------------

@@ -164,8 +164,13 @@ def test_particles_approach_the_pde_as_n_grows():
             err = abs(v.mean() - pde[k])
             assert err < 4 * se + eta * abs(pde[k]) + 1e-4, (n_part, k, err, se)
             errs[(n_part, k)] = (err, se)
-    # the allowed band shrinks by sqrt(8) from N = 500 to 4000
-    assert errs[(4000, "m2_a")][1] < errs[(500, "m2_a")][1] / 2
+    # The comparison at N = 4000 has teeth: a 25% error in the noise level (the PDE at
+    # 1.25 tau) moves E[a^2] at t = 1 by more than the N = 4000 band, so particles with that
+    # error fail the check above (shown with the noise variance 2.5 eta tau in the dynamics).
+    gr_hot = G.make_grid(pb.replace(tau=1.25 * float(pb.tau)), 64, 64, a_max=5.0, w_max=5.0)
+    hot = G.fokker_planck(gr_hot, G.gaussian_density(gr_hot, 0.7, 0.7), t_end, 0.01, record_every=10**6)
+    band = 4 * errs[(4000, "m2_a")][1] + eta * abs(pde["m2_a"]) + 1e-4
+    assert abs(hot.columns["m2_a"][-1] - pde["m2_a"]) > band
     # sanity: the particle network output at x0 is the same functional (predict vs moment)
     with jax.enable_x64(True):
         st = dynamics.init_particles(pb, 8, 0)

@@ -56,6 +56,15 @@ def test_bound_reports_inputs_and_matches_section5_formula():
     want = (0.7 / 0.2) * math.exp(-R / (0.7 * 0.2)) / (1 + (2 / math.sqrt(math.pi)) * m_x * math.sqrt(2 * R) / 0.7) ** 2
     assert b.alpha == pytest.approx(want, rel=1e-12)
     assert b.rate == pytest.approx(2 * 0.2 * want, rel=1e-12)
+    # the default, lipschitz="exact": Lip(T) = (s + sqrt(s^2 + 4))/2 with s = L/lam (THEORY 5),
+    # by hand: G = sqrt(2R) = 0.31623, L = (2/sqrt(pi)) m_x sqrt(2R), s = L/0.7
+    s = (2 / math.sqrt(math.pi)) * m_x * math.sqrt(2 * R) / 0.7
+    lip = (s + math.sqrt(s * s + 4)) / 2
+    want_exact = (0.7 / 0.2) * math.exp(-(2 * R) / (2 * 0.7 * 0.2)) / lip ** 2
+    exact = T.lsi_lower_bound(pb, 0.05)
+    assert exact.alpha == pytest.approx(want_exact, rel=1e-12)
+    assert (exact.G, exact.L, exact.lipschitz) == (pytest.approx(math.sqrt(0.1), rel=1e-12),
+                                                   pytest.approx(s * 0.7, rel=1e-12), pytest.approx(lip, rel=1e-12))
     assert set(b.as_dict()) >= {"alpha", "risk", "sup_sigma", "sup_dsigma", "m_x", "lam", "tau", "G", "L"}
 
 
@@ -72,6 +81,30 @@ def test_logistic_bound_is_uniform_and_fixed_bounded_variants():
     assert T.lsi_lower_bound(pf, 0.02).alpha == pytest.approx(2.0 * math.exp(-2 * math.sqrt(0.04) / 0.5))
     # bounded: (lam/tau) exp(-2 r_out G/tau)
     assert T.lsi_lower_bound(pbd, 0.02).alpha == pytest.approx(2.0 * math.exp(-2 * 2.0 * 0.2 / 0.5))
+
+
+def test_default_bound_is_within_three_percent_of_the_grid_poincare_constant():
+    # A case where the section-5 bound is nearly tight: u = k x (so |c| = (1/n)|sum u_j x_j|
+    # equals m_x sqrt(2R), the Cauchy-Schwarz step is an equality, and L = sup|g'| is attained
+    # at w = 0) with s = L/lam = 0.05 and R/(lam tau) = 0.003. Then bound <= alpha(rho_hat_u)
+    # <= C_P(rho_hat_u) (an LSI implies a Poincare inequality with C_P >= alpha), and C_P comes
+    # from the grid generator, O(h^2) accurate: Richardson from h and h/2 removes the leading
+    # term (the 48 -> 96 change is ~1%, so what is left is well below 0.5%). Observed:
+    # bound / C_P = 0.981. The crude Lipschitz constant 1 + s gives 0.935, a Lipschitz
+    # constant 1.5x too large 0.44; one that inflates the bound breaks bound <= C_P.
+    lam, tau = 1.0, 0.3
+    pb = _problem(lam=lam, tau=tau, activation="tanh")
+    x = np.asarray(pb.x, np.float64)[:, 0]
+    m_x = math.sqrt(np.mean(x * x))
+    u = (0.05 * lam / m_x ** 2) * x
+    risk = 0.5 * np.mean(u * u)
+    b = T.lsi_lower_bound(pb, risk)
+    assert b.L / lam == pytest.approx(0.05, rel=1e-12)
+    width = 7 * math.sqrt(tau / lam)
+    cp = [G.poincare_constant(G.make_grid(pb, n, n, a_max=width, w_max=width), u) for n in (48, 96)]
+    assert abs(cp[1] / cp[0] - 1) < 0.02
+    cp_star = cp[1] + (cp[1] - cp[0]) / 3
+    assert 0.97 * cp_star <= b.alpha <= cp_star
 
 
 @pytest.mark.parametrize("act", ["relu", "softplus", "gelu", "linear"])
