@@ -143,6 +143,7 @@ def test_reversed_write_order_is_caught(reference, tmp_path, monkeypatch):
     stop between the two, a checkpoint that metrics.csv does not reach; the check above and a
     resume both refuse it."""
     from mfld.app import runner
+    from mfld.app.records import merge_metrics
 
     ref, log = reference
     monkeypatch.setattr(plots, "make_figures", _stub_figures)
@@ -153,7 +154,7 @@ def test_reversed_write_order_is_caught(reference, tmp_path, monkeypatch):
         rows = dynamics.History({k: list(v) for k, v in self.hist.columns.items()})
         rows.append(row)
         runner._checkpoint(self.out_dir, s)  # the wrong order
-        rundir.write_metrics(self.out_dir / rundir.METRICS, runner._merge(self.prior, rows.columns))
+        rundir.write_metrics(self.out_dir / rundir.METRICS, merge_metrics(self.prior, rows.columns))
 
     monkeypatch.setattr(runner._RecordHook, "_checkpoint", reversed_checkpoint)
     first = log.index(rundir.METRICS)

@@ -52,6 +52,10 @@ ENV = "env.json"
 OPTIMUM = "optimum.json"
 DATA = "data.npz"
 MARKER = ".mfld-run"
+# the files of an `mfld sweep` directory (beside one run directory per member)
+SWEEP_JSON = "sweep.json"
+SWEEP_CSV = "sweep.csv"
+SWEEP_CHECKPOINT = ".sweep_checkpoint.npz"
 #: Largest run file a reader parses as text (JSON, YAML); metrics.csv has no limit.
 MAX_TEXT_BYTES = 64 << 20
 #: The temporary files of :func:`atomic_write_bytes` (``.NAME.XXXXXXXX.tmp``).
