@@ -17,7 +17,7 @@ PLOT_COLUMNS = ("step", "t", "risk", "reg_risk")
 def replot(run_dir) -> list[str]:
     """Rebuild the problem from the saved config and data and redraw every figure."""
     from mfld import config as cfgmod
-    from mfld.app import certificates, inputs, plots
+    from mfld.app import certificates, inputs, run_figures
 
     rec = rundir.load_run(run_dir)  # every file checked: one line naming a damaged one
     if rec.a is None:
@@ -42,5 +42,5 @@ def replot(run_dir) -> list[str]:
                                                                 f"give dim(w) = {problem.p}",
                                       "the checkpoint of this run")
         optimum = certificates.read_optimum(path, problem) if rec.optimum is not None else None
-        return plots.make_figures(run_dir, problem=problem, dataset=dataset, a=rec.a, w=rec.w,
+        return run_figures.make_figures(run_dir, problem=problem, dataset=dataset, a=rec.a, w=rec.w,
                                   metrics=rec.metrics, optimum=optimum)

@@ -26,7 +26,7 @@ import numpy as np
 
 from mfld import config as cfgmod
 from mfld import dynamics
-from mfld.app import certificates, guards, inputs, rundir
+from mfld.app import certificates, guards, inputs, run_figures, rundir
 from mfld.app.lock import LOCK, RunLock
 from mfld.app.records import RunStatus, is_finite_row, merge_metrics, run_summary
 from mfld.errors import ConfigError
@@ -423,11 +423,10 @@ class _Run:
         summary["checkpoint_step"] = int(state.step)
         summary["notes"] = self.notes
         rundir.write_json(out_dir / rundir.SUMMARY, summary)  # the numbers first, the figures after
-        from mfld.app import plots
-
         try:
-            figs = plots.make_figures(out_dir, problem=self.problem, dataset=self.dataset, a=np.asarray(state.a),
-                                      w=np.asarray(state.w), metrics=metrics, optimum=self.certs.optimum)
+            figs = run_figures.make_figures(out_dir, problem=self.problem, dataset=self.dataset,
+                                            a=np.asarray(state.a), w=np.asarray(state.w), metrics=metrics,
+                                            optimum=self.certs.optimum)
             summary["figures"] = figs
         except Exception as err:  # a figure must never lose a run's numbers
             self.notes.append(f"figures failed: {type(err).__name__}: {err}")
