@@ -419,8 +419,6 @@ def _prod(shape) -> int:
 def _read_csv(p: Path, y_column, x_columns):
     """A CSV data file: a header row, then one row of numbers per point. Every problem names
     the file and the line (and the column)."""
-    import array
-
     from mfld.errors import short_repr
 
     # each value takes at least 2 bytes of text ("1,") and 8 bytes as a float64 (twice, while
@@ -430,10 +428,6 @@ def _read_csv(p: Path, y_column, x_columns):
     except OSError:
         size = 0
     _too_big(8 * size, p, "the values")
-
-    def bad(line, msg, allowed=None):
-        return ConfigError(f"{p} line {line}: {msg}", field="data.params.path", allowed=allowed)
-
     csv.field_size_limit(1 << 20)
     try:
         fh = open(p, newline="", encoding="utf-8")
@@ -441,78 +435,12 @@ def _read_csv(p: Path, y_column, x_columns):
         raise ConfigError(f"cannot read {p} ({e.strerror or e})", field="data.params.path") from None
     with fh:
         reader = csv.reader(fh)
-        line = 1
         try:
-            header = None
-            for row in reader:
-                line = reader.line_num
-                if any(c.strip() for c in row):
-                    header = [h.strip() for h in row]
-                    break
-            if header is None:
-                raise ConfigError(f"{p} is empty", field="data.params.path", allowed="a header row and data rows")
-            header_line = line
-            avail = short_repr(", ".join(header), 200)[1:-1]
-            seen = {}
-            for j, h in enumerate(header):
-                if not h:
-                    raise bad(header_line, f"column {j + 1} of the header has no name",
-                              allowed="a name for every column (no trailing comma)")
-                if h in seen:
-                    raise bad(header_line, f"column {short_repr(h, 40)} appears twice in the header "
-                                           f"(columns {seen[h] + 1} and {j + 1})", allowed="distinct column names")
-                seen[h] = j
-            if y_column not in header:
-                raise ConfigError(f"no column {short_repr(y_column, 40)} in {p}", field="data.params.y_column",
-                                  value=y_column, allowed=f"one of the columns: {avail}")
-            if x_columns is None:
-                x_columns = [h for h in header if h != y_column]
-                if not x_columns:
-                    raise ConfigError(f"{p} has no input columns besides {y_column!r}",
-                                      field="data.params.x_columns")
-            else:
-                if isinstance(x_columns, str):
-                    x_columns = [x_columns]
-                x_columns = list(x_columns)
-                if not x_columns:
-                    raise ConfigError("no input columns given", field="data.params.x_columns", value=x_columns,
-                                      allowed=f"a non-empty list of columns from: {avail}")
-                missing = [c for c in x_columns if c not in header]
-                if missing:
-                    raise ConfigError(f"no column(s) {short_repr(', '.join(map(str, missing)), 60)} in {p}",
-                                      field="data.params.x_columns", value=x_columns,
-                                      allowed=f"columns from: {avail}")
-                if len(set(x_columns)) != len(x_columns):
-                    raise ConfigError("an input column is listed twice", field="data.params.x_columns",
-                                      value=x_columns, allowed="distinct columns")
-                if y_column in x_columns:
-                    raise ConfigError("the target column is also an input", field="data.params.x_columns",
-                                      value=x_columns, allowed=f"columns other than {y_column!r}")
-            cols = list(x_columns) + [y_column]
-            idx = [header.index(c) for c in cols]
-            values = array.array("d")
-            n_rows = 0
-            for row in reader:
-                line = reader.line_num
-                if not any(c.strip() for c in row):
-                    continue
-                if len(row) != len(header):
-                    raise bad(line, f"{len(row)} fields, the header has {len(header)}",
-                              allowed="the same number of fields on every line")
-                for c, j in zip(cols, idx, strict=True):
-                    cell = row[j].strip()
-                    try:
-                        v = float(cell)
-                    except ValueError:
-                        raise bad(line, f"non-numeric value {short_repr(cell, 40)} in column {short_repr(c, 40)}",
-                                  allowed="numbers") from None
-                    if v != v or v in (float("inf"), float("-inf")):
-                        raise bad(line, f"non-finite value {short_repr(cell, 20)} (NaN/inf) in column "
-                                        f"{short_repr(c, 40)}", allowed="finite numbers")
-                    values.append(v)
-                n_rows += 1
-        except csv.Error as e:
-            raise bad(reader.line_num or line, f"not readable as CSV ({short_repr(str(e), 60)})") from None
+            header = _csv_header(p, reader)
+            cols = _csv_inputs(p, header, y_column, x_columns) + [y_column]
+            values, n_rows = _csv_values(p, reader, header, cols)
+        except csv.Error as e:  # (line_num is 0 only before the first line is read)
+            raise _csv_error(p, reader.line_num or 1, f"not readable as CSV ({short_repr(str(e), 60)})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{p} line {_first_undecodable_line(p)}: not UTF-8 text", field="data.params.path",
                               allowed="a UTF-8 (or ASCII) CSV file") from None
@@ -520,6 +448,98 @@ def _read_csv(p: Path, y_column, x_columns):
         raise ConfigError(f"{p} has a header but no data rows", field="data.params.path")
     out = np.frombuffer(values, dtype=np.float64).reshape(n_rows, len(cols)).copy()
     return out[:, :-1], out[:, -1]
+
+
+def _csv_error(p: Path, line, msg: str, allowed=None) -> ConfigError:
+    return ConfigError(f"{p} line {line}: {msg}", field="data.params.path", allowed=allowed)
+
+
+def _csv_header(p: Path, reader) -> list:
+    """The column names of the first non-blank row: every column named, no name twice."""
+    from mfld.errors import short_repr
+
+    line = 1
+    header = None
+    for row in reader:
+        line = reader.line_num
+        if any(c.strip() for c in row):
+            header = [h.strip() for h in row]
+            break
+    if header is None:
+        raise ConfigError(f"{p} is empty", field="data.params.path", allowed="a header row and data rows")
+    seen = {}
+    for j, h in enumerate(header):
+        if not h:
+            raise _csv_error(p, line, f"column {j + 1} of the header has no name",
+                             allowed="a name for every column (no trailing comma)")
+        if h in seen:
+            raise _csv_error(p, line, f"column {short_repr(h, 40)} appears twice in the header "
+                                      f"(columns {seen[h] + 1} and {j + 1})", allowed="distinct column names")
+        seen[h] = j
+    return header
+
+
+def _csv_inputs(p: Path, header: list, y_column, x_columns) -> list:
+    """The input columns: ``x_columns`` (checked against the header and the target) or every
+    column but the target ``y_column`` (which must be in the header)."""
+    from mfld.errors import short_repr
+
+    avail = short_repr(", ".join(header), 200)[1:-1]
+    if y_column not in header:
+        raise ConfigError(f"no column {short_repr(y_column, 40)} in {p}", field="data.params.y_column",
+                          value=y_column, allowed=f"one of the columns: {avail}")
+    if x_columns is None:
+        x_columns = [h for h in header if h != y_column]
+        if not x_columns:
+            raise ConfigError(f"{p} has no input columns besides {y_column!r}", field="data.params.x_columns")
+        return x_columns
+    x_columns = [x_columns] if isinstance(x_columns, str) else list(x_columns)
+    if not x_columns:
+        raise ConfigError("no input columns given", field="data.params.x_columns", value=x_columns,
+                          allowed=f"a non-empty list of columns from: {avail}")
+    missing = [c for c in x_columns if c not in header]
+    if missing:
+        raise ConfigError(f"no column(s) {short_repr(', '.join(map(str, missing)), 60)} in {p}",
+                          field="data.params.x_columns", value=x_columns, allowed=f"columns from: {avail}")
+    if len(set(x_columns)) != len(x_columns):
+        raise ConfigError("an input column is listed twice", field="data.params.x_columns",
+                          value=x_columns, allowed="distinct columns")
+    if y_column in x_columns:
+        raise ConfigError("the target column is also an input", field="data.params.x_columns",
+                          value=x_columns, allowed=f"columns other than {y_column!r}")
+    return x_columns
+
+
+def _csv_values(p: Path, reader, header: list, cols: list):
+    """(values row by row as an ``array('d')``, number of rows) of the columns ``cols`` of the
+    remaining non-blank rows: finite numbers, as many fields as the header on every line."""
+    import array
+
+    from mfld.errors import short_repr
+
+    idx = [header.index(c) for c in cols]
+    values = array.array("d")
+    n_rows = 0
+    for row in reader:
+        line = reader.line_num
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise _csv_error(p, line, f"{len(row)} fields, the header has {len(header)}",
+                             allowed="the same number of fields on every line")
+        for c, j in zip(cols, idx, strict=True):
+            cell = row[j].strip()
+            try:
+                v = float(cell)
+            except ValueError:
+                raise _csv_error(p, line, f"non-numeric value {short_repr(cell, 40)} in column {short_repr(c, 40)}",
+                                 allowed="numbers") from None
+            if v != v or v in (float("inf"), float("-inf")):
+                raise _csv_error(p, line, f"non-finite value {short_repr(cell, 20)} (NaN/inf) in column "
+                                          f"{short_repr(c, 40)}", allowed="finite numbers")
+            values.append(v)
+        n_rows += 1
+    return values, n_rows
 
 
 def _check_arrays(x, y, suffix, where):

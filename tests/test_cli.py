@@ -249,17 +249,17 @@ def test_fixed_layer_certificates_use_the_particles_sign_fraction():
 def test_certificates_available_is_check_applicable():
     """The runner's reason is duality.check_applicable's TheoryNotApplicable message."""
     from mfld import duality
-    from mfld.app import runner
+    from mfld.app import inputs
     from mfld.errors import TheoryNotApplicable
     from mfld.problem import Problem
 
     x, y = np.linspace(-1, 1, 8)[:, None], np.sin(np.linspace(-1, 1, 8))
-    assert runner.certificates_available(Problem.create(x, y, tau=0.1)) is None
+    assert inputs.certificates_available(Problem.create(x, y, tau=0.1)) is None
     for kw in ({"tau": 0.0}, {"tau": 0.1, "scaling": "ntk"}):
         prob = Problem.create(x, y, **kw)
         with pytest.raises(TheoryNotApplicable) as info:
             duality.check_applicable(prob)
-        assert runner.certificates_available(prob) == str(info.value)
+        assert inputs.certificates_available(prob) == str(info.value)
 
 
 def test_cli_resolves_and_checks_the_config_and_data_once(tmp_path, monkeypatch, capsys):

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from mfld import config as cfgmod
-from mfld.app import plots, rundir
+from mfld.app import run_figures, rundir
 from mfld.cli import main
 
 ARGS = ["--set", "model.n_particles=24", "--set", "dynamics.steps=60", "--set", "record.every=10",
@@ -89,7 +89,7 @@ def _consistent(run_dir: Path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     mp = pytest.MonkeyPatch()
-    mp.setattr(plots, "make_figures", _stub_figures)
+    mp.setattr(run_figures, "make_figures", _stub_figures)
     try:
         ref = tmp_path_factory.mktemp("ref") / "ref"
         log = _writes(mp, None)
@@ -112,7 +112,7 @@ def test_write_order(reference):
 
 def test_a_stop_between_any_two_writes_resumes_bit_identically(reference, tmp_path, monkeypatch):
     ref, log = reference
-    monkeypatch.setattr(plots, "make_figures", _stub_figures)
+    monkeypatch.setattr(run_figures, "make_figures", _stub_figures)
     ref_ck = rundir.load_checkpoint(ref / rundir.CHECKPOINT)
     for k in range(len(log)):
         run_dir = tmp_path / f"crash{k}"
@@ -143,9 +143,10 @@ def test_reversed_write_order_is_caught(reference, tmp_path, monkeypatch):
     stop between the two, a checkpoint that metrics.csv does not reach; the check above and a
     resume both refuse it."""
     from mfld.app import runner
+    from mfld.app.records import merge_metrics
 
     ref, log = reference
-    monkeypatch.setattr(plots, "make_figures", _stub_figures)
+    monkeypatch.setattr(run_figures, "make_figures", _stub_figures)
 
     def reversed_checkpoint(self, s, row):
         from mfld import dynamics
@@ -153,7 +154,7 @@ def test_reversed_write_order_is_caught(reference, tmp_path, monkeypatch):
         rows = dynamics.History({k: list(v) for k, v in self.hist.columns.items()})
         rows.append(row)
         runner._checkpoint(self.out_dir, s)  # the wrong order
-        rundir.write_metrics(self.out_dir / rundir.METRICS, runner._merge(self.prior, rows.columns))
+        rundir.write_metrics(self.out_dir / rundir.METRICS, merge_metrics(self.prior, rows.columns))
 
     monkeypatch.setattr(runner._RecordHook, "_checkpoint", reversed_checkpoint)
     first = log.index(rundir.METRICS)
@@ -174,7 +175,7 @@ def test_reversed_write_order_is_caught(reference, tmp_path, monkeypatch):
 def test_resume_removes_the_temporary_files_of_an_interrupted_write(reference, tmp_path, monkeypatch):
     import shutil
 
-    monkeypatch.setattr(plots, "make_figures", _stub_figures)
+    monkeypatch.setattr(run_figures, "make_figures", _stub_figures)
     ref, _ = reference
     run_dir = tmp_path / "r"
     shutil.copytree(ref, run_dir)

@@ -26,10 +26,11 @@ import pytest
 
 import mfld
 from mfld.app import rundir
+from mfld.app.guards import precision_notes, quantised_fraction
 from mfld.app.lock import LOCK, RunLock
-from mfld.app.runner import drift_curvature, precision_notes, quantised_fraction
 from mfld.cli import main
 from mfld.errors import ConfigError
+from mfld.stability import drift_curvature
 
 BASE = ["--set", "model.n_particles=50", "--set", "record.every=10", "--set", "record.checkpoint_every=50",
         "--set", "record.certify_every=0", "--set", "record.optimum=false", "--quiet"]
@@ -317,16 +318,14 @@ def test_resume_takes_the_lock_before_reading_the_run(tmp_path, capsys, monkeypa
     checks env.json (integrity, data hash) again there: with the lock held elsewhere it is
     refused before any of them is read. (config.yaml, env.json and the data are checked once
     before, without JAX, for a fast answer.)"""
-    from mfld.app import runner
+    from mfld.app import certificates, runner
 
     run_dir = tmp_path / "r"
     main(["run", *BASE, "--set", "dynamics.steps=20", "--out", str(run_dir)])
     capsys.readouterr()
     reads = []
-    for name in ("_read_resume", "_restore", "_read_optimum"):
-        orig = getattr(runner, name)
-        monkeypatch.setattr(runner, name, lambda *a, _n=name, _o=orig, **k: (reads.append(_n), _o(*a, **k))[1])
-    for mod, name in ((rundir, "read_metrics"), (rundir, "load_checkpoint")):
+    for mod, name in ((runner._Run, "_read_resume"), (runner, "_restore"), (certificates, "read_optimum"),
+                      (rundir, "read_metrics"), (rundir, "load_checkpoint")):
         orig = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _n=name, _o=orig, **k: (reads.append(_n), _o(*a, **k))[1])
     with RunLock(run_dir):  # held by a live process
@@ -519,10 +518,10 @@ def test_summary_is_strict_json_and_files_follow_the_umask(tmp_path):
 def test_default_run_directories_are_unique(tmp_path, monkeypatch):
     """Two runs named alike in the same second get two directories (the name is reserved
     with an atomic mkdir), and a run that fails before writing leaves no runs/ behind."""
-    from mfld.app import runner
+    from mfld.app import inputs, runner
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(runner, "default_out_dir", lambda cfg: Path("runs") / f"{cfg.name}-20260101-000000")
+    monkeypatch.setattr(inputs, "default_out_dir", lambda cfg: Path("runs") / f"{cfg.name}-20260101-000000")
     cfg = mfld.config.Config()
     created = []
     a = runner.reserve_default_dir(cfg, created)

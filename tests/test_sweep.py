@@ -106,7 +106,7 @@ def test_cli_sweep_2x2x2_certificates_checkpoints_and_plot(tmp_path, monkeypatch
 
     from mfld import config as cfgmod
     from mfld import duality, optimum
-    from mfld.app import inputs, rundir, runner
+    from mfld.app import inputs, rundir
     from mfld.cli import main
 
     solves = []
@@ -135,7 +135,7 @@ def test_cli_sweep_2x2x2_certificates_checkpoints_and_plot(tmp_path, monkeypatch
                    and d.name.startswith(f"lam={float(r['lam']):g}_"))
         for k in ("risk", "gap", "dual_lower", "primal_upper"):  # sweep.csv: the member's last record
             assert float(row[k]) == m[k][-1], k
-        with runner.precision_context(cfg.precision):
+        with inputs.precision_context(cfg.precision):
             problem = inputs.build_problem(cfg, inputs.make_dataset(cfg))
             opt = optimum.Optimum.from_json((d / rundir.OPTIMUM).read_text(), problem=problem)
             want = duality.certify(problem, ck["a"], ck["w"], method=cfg.record.certify_method,
@@ -155,7 +155,7 @@ def test_cli_sweep_resumes_after_a_kill_with_identical_results(tmp_path, monkeyp
     resumes with --resume and ends with the same files as an uninterrupted sweep (wall times
     aside); no member is marked complete (summary.json) before the end; a rerun without
     --resume, or with another grid, is refused with exit 2."""
-    from mfld.app import rundir, sweep_cmd
+    from mfld.app import rundir
     from mfld.cli import main
 
     args = ["sweep", "--grid", "tau=0.02,0.05", *SMALL, "--set", "dynamics.steps=30",
@@ -164,7 +164,7 @@ def test_cli_sweep_resumes_after_a_kill_with_identical_results(tmp_path, monkeyp
     real_save = rundir.save_checkpoint
 
     def killed(path, a, w, step, *rest, **kw):
-        if path.name == sweep_cmd.SWEEP_CHECKPOINT and step == 20:
+        if path.name == rundir.SWEEP_CHECKPOINT and step == 20:
             raise KeyboardInterrupt  # metrics of step 20 are written, its checkpoint is not
         return real_save(path, a, w, step, *rest, **kw)
 

@@ -7,6 +7,8 @@ them that can be made before anything is written or JAX is imported.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +48,7 @@ def prepare(config=None, overrides=None, *, out=None, resume: bool = False, x=No
     cfg = resolve_resume_config(out, config, overrides) if resume else resolve_config(config, overrides)
     if dataset is None:
         if resume and x is None and y is None:
-            from mfld.app.replot import load_dataset  # the stored arrays (data.npz) or the config's data
-
-            dataset = load_dataset(out, cfg)
+            dataset = load_dataset(out, cfg)  # the stored arrays (data.npz) or the config's data
         else:
             dataset = make_dataset(cfg, x, y, x_test, y_test)
     check_data(cfg, dataset)
@@ -74,7 +74,14 @@ def out_path(out) -> Path:
     return Path(text)
 
 
-def _entries(d: Path) -> list[os.DirEntry]:
+def default_out_dir(cfg: cfgmod.Config) -> Path:
+    """``runs/<name>-<YYYYmmdd-HHMMSS>`` (the name :func:`mfld.app.runner.reserve_default_dir`
+    starts from)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.name}-{stamp}"
+
+
+def dir_entries(d: Path) -> list[os.DirEntry]:
     """A directory's entries other than a regular-file lock (a symlink named .lock counts)."""
     from mfld.app.lock import LOCK
 
@@ -124,7 +131,7 @@ def check_out_dir(out, *, overwrite: bool = False, resume: bool = False) -> Path
                           field="--out", value=str(d), allowed="a new or existing directory")
     if resume or not exists:
         return d  # resolve_resume_config checks that a run is there
-    if not _entries(d):
+    if not dir_entries(d):
         return d
     if not overwrite:
         raise ConfigError("run directory already exists and is not empty", field="--out", value=str(d),
@@ -428,3 +435,66 @@ def check_certificate_setup(cfg: cfgmod.Config, n_inputs: int) -> None:
         raise ConfigError(f"the k-NN entropy of the certificates needs more than k = {KNN_K} particles{where}",
                           field="model.n_particles", value=n,
                           allowed=(f"more particles (> {KNN_K}{where}), or record.certify_every: 0"))
+
+
+# ---------------------------------------------------------------------------------------
+# Shared by the commands: precision, certificates, a stored run's data
+# ---------------------------------------------------------------------------------------
+
+def precision_context(precision: str):
+    """A scoped x64 context when float64 is asked for and not already on (never global)."""
+    import jax
+
+    if precision == "float64" and not jax.config.jax_enable_x64:
+        return jax.enable_x64(True)
+    if precision == "float32" and jax.config.jax_enable_x64:
+        return jax.enable_x64(False)
+    return contextlib.nullcontext()
+
+
+def certificates_available(problem) -> str | None:
+    """None if the certificates are defined for this problem, else the reason they are not
+    (:func:`mfld.duality.check_applicable`: tau > 0 and the mean-field scaling)."""
+    from mfld.duality import check_applicable
+    from mfld.errors import TheoryNotApplicable
+
+    try:
+        check_applicable(problem)
+    except TheoryNotApplicable as err:
+        return str(err)
+    return None
+
+
+def _stored_arrays(path: Path):
+    """The arrays of a run's ``data.npz`` (x, y and optionally x_test, y_test), checked."""
+    from mfld import data
+
+    allowed = "the data.npz the run wrote (x, y and optionally x_test, y_test)"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arr = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - a damaged zip, a bad header, an object array ...
+        raise rundir.RunFileError(path, f"not a readable .npz ({type(e).__name__})", allowed) from None
+    if "x" not in arr or "y" not in arr or (("x_test" in arr) != ("y_test" in arr)):
+        raise rundir.RunFileError(path, f"arrays {sorted(arr)[:6]} instead of x, y (, x_test, y_test)", allowed)
+    for k, v in arr.items():
+        if v.dtype.kind not in "biuf":
+            raise rundir.RunFileError(path, f"array {k!r} has dtype {v.dtype}", "real numbers")
+    return data.Dataset(arr["x"], arr["y"], arr.get("x_test"), arr.get("y_test"), {"kind": "arrays"})
+
+
+def load_dataset(run_dir, cfg):
+    """A stored run's data: ``data.npz`` when the run was given arrays, else rebuilt from the
+    config (generators are seeded; a file is read again, from the absolute path the config
+    records). Refuses data whose SHA-256 differs from the one recorded in ``env.json`` (a data
+    file changed since the run), and an env.json that is damaged or edited."""
+    p = Path(run_dir)
+    if (p / rundir.DATA).exists():
+        dataset = _stored_arrays(p / rundir.DATA)
+    else:
+        dataset = make_dataset(cfg)
+    recorded = read_run_env(p).get("data_sha256")
+    if recorded is not None and recorded != data_fingerprint(dataset):
+        raise ConfigError("the data differ from those the run was trained on (SHA-256 mismatch)",
+                          field="data", value=str(run_dir), allowed="the run's original data file")
+    return dataset

@@ -18,15 +18,15 @@ from mfld.errors import TheoryNotApplicable
 
 def solve_for_config(config=None, overrides=None):
     """(config, problem, Optimum) for a config path / dict / None (the default problem)."""
-    from mfld.app import inputs, runner
+    from mfld.app import inputs
     from mfld.optimum import solve_optimum
 
     cfg = inputs.resolve_config(config, overrides)
     dataset = inputs.make_dataset(cfg)
     inputs.check_data(cfg, dataset)
-    with runner.precision_context(cfg.precision):
+    with inputs.precision_context(cfg.precision):
         problem = inputs.build_problem(cfg, dataset)
-        reason = runner.certificates_available(problem)
+        reason = inputs.certificates_available(problem)
         if reason is not None:
             raise TheoryNotApplicable(f"no optimum to solve for: {reason}")
         opt = solve_optimum(problem, plus_fraction=cfg.model.init.plus_fraction)

@@ -2,7 +2,8 @@
 function, and -- when certificates were recorded -- the optimality gap.
 
 Each function takes plain arrays and writes one figure (PNG unless
-:func:`mfld.app.style.figure_format` says pdf or svg); :func:`make_figures` draws all that apply.
+:func:`mfld.app.style.figure_format` says pdf or svg); :func:`mfld.app.run_figures.make_figures`
+draws all that apply to a run.
 Every figure uses the style of :mod:`mfld.app.style` and carries the run's setting (activation,
 lam, tau, N, eta) as its caption.
 """
@@ -161,44 +162,3 @@ def run_setting(problem, metrics: dict | None = None, n_particles: int | None = 
         extra.append(f"{problem.output} output layer")
     return style.setting(activation=act, loss=getattr(problem.loss, "name", None), lam=float(problem.lam),
                          tau=float(problem.tau), N=n_particles, eta=eta, extra=", ".join(extra) or None)
-
-
-def make_figures(run_dir, *, problem, dataset, a, w, metrics, optimum=None) -> list[str]:
-    """Draw every figure that applies to a run into ``run_dir/figures``; return their names."""
-    from mfld import network
-
-    figdir = Path(run_dir) / "figures"
-    figdir.mkdir(parents=True, exist_ok=True)
-    done = []
-    metrics = {k: np.asarray(v) for k, v in metrics.items()}
-    setting = run_setting(problem, metrics, n_particles=int(np.shape(a)[0]))
-    if metrics.get("t") is not None and len(metrics["t"]):
-        done.append(plot_risk(metrics, figdir / "risk.png", setting=setting).name)
-    done.append(plot_neurons(a, w, figdir / "neurons.png", bias=problem.bias, output=problem.output,
-                             r_out=float(problem.r_out), setting=setting)["path"].name)
-    if problem.d == 1:
-        xr = np.asarray(dataset.x, dtype=float).ravel()
-        lo, hi = xr.min(), xr.max()
-        pad = 0.1 * (hi - lo + 1e-12)
-        grid = np.linspace(lo - pad, hi + pad, 300)
-        import jax.numpy as jnp
-
-        f_grid = np.asarray(network.predict(problem, jnp.asarray(a, problem.x.dtype),
-                                            jnp.asarray(w, problem.x.dtype), problem.features(grid[:, None])))
-        target = dataset.target(grid[:, None]) if getattr(dataset, "target", None) is not None else None
-        f_star = None if optimum is None else np.asarray(optimum.f)
-        done.append(plot_function(grid, f_grid, figdir / "function.png", x=xr, y=np.asarray(dataset.y),
-                                  target=target, f_star=f_star, x_star=xr if f_star is not None else None,
-                                  setting=setting).name)
-    if "dual_lower" in metrics:
-        try:
-            from mfld.app.certificate_plots import plot_gap
-        except ImportError:
-            plot_gap = None
-        if plot_gap is not None:
-            plot_gap(metrics, figdir / "gap.png", F_star=None if optimum is None else float(optimum.F_star),
-                     setting=setting)
-            from mfld.app import style
-
-            done.append(style.figure_name("gap.png"))
-    return done

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mfld import config as cfgmod
 from mfld.errors import ConfigError, short_repr
 from mfld.serialize import jsonable
 
@@ -53,6 +54,10 @@ ENV = "env.json"
 OPTIMUM = "optimum.json"
 DATA = "data.npz"
 MARKER = ".mfld-run"
+# the files of an `mfld sweep` directory (beside one run directory per member)
+SWEEP_JSON = "sweep.json"
+SWEEP_CSV = "sweep.csv"
+SWEEP_CHECKPOINT = ".sweep_checkpoint.npz"
 #: Largest run file a reader parses as text (JSON, YAML); metrics.csv has no limit.
 MAX_TEXT_BYTES = 64 << 20
 #: The temporary files of :func:`atomic_write_bytes` (``.NAME.XXXXXXXX.tmp``).
@@ -150,7 +155,23 @@ def read_metrics(path) -> dict:
     wrong number of fields, a value that is not a number (``nan``/``inf`` are numbers), a step
     that is not a non-negative integer, steps that do not increase."""
     path = Path(path)
-    allowed = "the metrics.csv a run wrote (a header with step, then one row of numbers per record)"
+    rows = _metrics_rows(path)
+    names = _metrics_header(path, rows[0])
+    out = _metrics_columns(path, names, rows[1:])
+    steps = out["step"]
+    if steps.size > 1 and np.any(np.diff(steps) <= 0):
+        i = int(np.nonzero(np.diff(steps) <= 0)[0][0]) + 1
+        raise RunFileError(path, f"line {rows[i + 1][0]}: step {int(steps[i])} does not follow step "
+                                 f"{int(steps[i - 1])}", "steps that increase from row to row")
+    return out
+
+
+#: What a damaged metrics.csv is told to be.
+_METRICS_ALLOWED = "the metrics.csv a run wrote (a header with step, then one row of numbers per record)"
+
+
+def _metrics_rows(path: Path) -> list:
+    """The (line number, fields) of every CSV row of ``path``; at least the header."""
     csv.field_size_limit(1 << 20)
     try:
         fh = open(path, newline="", encoding="utf-8")
@@ -164,23 +185,35 @@ def read_metrics(path) -> dict:
                 rows.append((reader.line_num, row))
         except csv.Error as e:
             raise RunFileError(path, f"line {reader.line_num}: not readable as CSV ({short_repr(str(e), 60)})",
-                               allowed) from None
+                               _METRICS_ALLOWED) from None
         except UnicodeDecodeError:
-            raise RunFileError(path, f"line {reader.line_num + 1}: not UTF-8 text", allowed) from None
+            raise RunFileError(path, f"line {reader.line_num + 1}: not UTF-8 text", _METRICS_ALLOWED) from None
     if not rows:
-        raise RunFileError(path, "the file is empty (no header)", allowed)
-    hline, names = rows[0]
+        raise RunFileError(path, "the file is empty (no header)", _METRICS_ALLOWED)
+    return rows
+
+
+def _metrics_header(path: Path, header) -> list:
+    """The column names of the header row (line, fields): with ``step``, none empty or twice."""
+    hline, names = header
     if "step" not in names:
-        raise RunFileError(path, f"line {hline}: the header has no 'step' column", allowed)
+        raise RunFileError(path, f"line {hline}: the header has no 'step' column", _METRICS_ALLOWED)
     for j, k in enumerate(names):
         if not k or names.index(k) != j:
             raise RunFileError(path, f"line {hline}: column {j + 1} of the header is "
-                                     f"{'empty' if not k else 'a repeated name ' + short_repr(k, 30)}", allowed)
+                                     f"{'empty' if not k else 'a repeated name ' + short_repr(k, 30)}",
+                               _METRICS_ALLOWED)
+    return names
+
+
+def _metrics_columns(path: Path, names: list, rows: list) -> dict:
+    """The data rows as columns: ``step`` non-negative integers (int64), the rest numbers."""
     cols = [[] for _ in names]
     isstep = [k == "step" for k in names]
-    for line, row in rows[1:]:
+    for line, row in rows:
         if len(row) != len(names):
-            raise RunFileError(path, f"line {line}: {len(row)} fields, the header has {len(names)}", allowed)
+            raise RunFileError(path, f"line {line}: {len(row)} fields, the header has {len(names)}",
+                               _METRICS_ALLOWED)
         for j, v in enumerate(row):
             try:
                 if isstep[j]:
@@ -192,17 +225,9 @@ def read_metrics(path) -> dict:
             except ValueError:
                 what = "a non-negative integer" if isstep[j] else "a number"
                 raise RunFileError(path, f"line {line}, column {short_repr(names[j], 30)}: {short_repr(v, 30)} is "
-                                         f"not {what}", allowed) from None
+                                         f"not {what}", _METRICS_ALLOWED) from None
             cols[j].append(x)
-    out = {}
-    for j, k in enumerate(names):
-        out[k] = np.array(cols[j], dtype=np.int64 if isstep[j] else np.float64)
-    steps = out["step"]
-    if steps.size > 1 and np.any(np.diff(steps) <= 0):
-        i = int(np.nonzero(np.diff(steps) <= 0)[0][0]) + 1
-        raise RunFileError(path, f"line {rows[i + 1][0]}: step {int(steps[i])} does not follow step "
-                                 f"{int(steps[i - 1])}", "steps that increase from row to row")
-    return out
+    return {k: np.array(cols[j], dtype=np.int64 if isstep[j] else np.float64) for j, k in enumerate(names)}
 
 
 def save_checkpoint(path, a, w, step: int, key_data, extra: dict | None = None) -> None:
@@ -298,8 +323,6 @@ def read_config(path) -> dict:
     problems name the file (and the line or the field)."""
     import yaml
 
-    from mfld import config as cfgmod
-
     path = Path(path)
     text = read_text(path, cfgmod.MAX_YAML_BYTES)
     try:
@@ -346,21 +369,10 @@ def _canonical(value) -> str:
     return json.dumps(jsonable(value, nonfinite_as_str=True), sort_keys=True, separators=(",", ":"))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def digest(content: dict) -> dict:
     """The integrity record of a parsed run file (config or environment): the SHA-256 of its
     canonical JSON and a short digest per (flattened) field, to name the field that changed."""
-    flat = _flat(content)
+    flat = cfgmod.flatten(content)
     return {"sha256": hashlib.sha256(_canonical(content).encode()).hexdigest(),
             "fields": {k: hashlib.sha256(_canonical(v).encode()).hexdigest()[:16] for k, v in sorted(flat.items())}}
 

@@ -1,40 +1,36 @@
 """The run driver: config -> Problem -> particles -> simulate -> run directory.
 
 ``run`` is what ``mfld run`` calls and what a notebook calls (``mfld.run``); it takes the same
-fields as the YAML config, and also plain arrays ``x, y`` for a user's own data.
+fields as the YAML config, and also plain arrays ``x, y`` for a user's own data. A run is a
+:class:`_Run`: the resolved inputs and :class:`RunOptions`, the run directory, the particles
+and the records, named fields passed between its steps (check and build, claim the directory,
+read a resume, write the config, simulate and record, finish).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import math
+import io
+import json
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mfld import config as cfgmod
-from mfld.app import guards, rundir
-from mfld.app.guards import GAP_COLUMNS, precision_notes, quantised_fraction  # noqa: F401 - re-exported
-from mfld.app.inputs import (  # noqa: F401 - re-exported: the run's inputs (no JAX)
-    Prepared,
-    build_problem,
-    check_data,
-    check_out_dir,
-    data_fingerprint,
-    make_dataset,
-    out_path,
-    prepare,
-    read_run_env,
-    resolve_config,
-    resolve_resume_config,
-    validate_inputs,
-)
-from mfld.app.lock import LOCK
+from mfld import dynamics
+from mfld.app import certificates, guards, inputs, run_figures, rundir
+from mfld.app.lock import LOCK, RunLock
+from mfld.app.records import RunStatus, is_finite_row, merge_metrics, run_summary
 from mfld.errors import ConfigError
-from mfld.stability import drift_curvature, suggest_step_size  # noqa: F401 - drift_curvature re-exported
+from mfld.stability import drift_curvature, suggest_step_size
 
 
 @dataclass
@@ -52,29 +48,28 @@ class RunResult:
     notes: list = field(default_factory=list)
 
 
-def precision_context(precision: str):
-    """A scoped x64 context when float64 is asked for and not already on (never global)."""
-    import jax
+@dataclass(frozen=True)
+class RunOptions:
+    """How :func:`run` runs a resolved config and its data (the arguments of :func:`run` of the
+    same names): the run directory (``out``, None: the default name), ``overwrite``, ``resume``,
+    ``progress`` (None: ``record.progress``), ``write``, ``handle_signals`` and ``devices``."""
 
-    if precision == "float64" and not jax.config.jax_enable_x64:
-        return jax.enable_x64(True)
-    if precision == "float32" and jax.config.jax_enable_x64:
-        return jax.enable_x64(False)
-    return contextlib.nullcontext()
-
-
-def default_out_dir(cfg: cfgmod.Config) -> Path:
-    """``runs/<name>-<YYYYmmdd-HHMMSS>`` (the name :func:`reserve_default_dir` starts from)."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.name}-{stamp}"
+    out: Path | None = None
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool | None = None
+    write: bool = True
+    handle_signals: bool = True
+    devices: int | None = None
 
 
 def reserve_default_dir(cfg: cfgmod.Config, created: list) -> Path:
     """Create the default run directory atomically: ``runs/<name>-<stamp>``, or with ``-2``,
     ``-3``, ... appended when a run started in the same second has it (``os.mkdir`` fails on
     an existing name, so two runs started together get two directories). Appends the
-    directories it created to ``created`` (removed again if the run fails before writing)."""
-    base = default_out_dir(cfg)
+    directories it created to ``created`` (removed again if the run fails before writing).
+    The name starts from :func:`mfld.app.inputs.default_out_dir`."""
+    base = inputs.default_out_dir(cfg)
     if not base.parent.exists():
         try:
             base.parent.mkdir(parents=True)
@@ -97,19 +92,6 @@ def reserve_default_dir(cfg: cfgmod.Config, created: list) -> Path:
         return d
     raise ConfigError("no free default run directory name", field="--out", value=str(base),
                       allowed="--out DIR")
-
-
-def certificates_available(problem) -> str | None:
-    """None if the certificates are defined for this problem, else the reason they are not
-    (:func:`mfld.duality.check_applicable`: tau > 0 and the mean-field scaling)."""
-    from mfld.duality import check_applicable
-    from mfld.errors import TheoryNotApplicable
-
-    try:
-        check_applicable(problem)
-    except TheoryNotApplicable as err:
-        return str(err)
-    return None
 
 
 def run(config=None, *, overrides=None, x=None, y=None, x_test=None, y_test=None, out=None,
@@ -149,31 +131,368 @@ def run(config=None, *, overrides=None, x=None, y=None, x_test=None, y_test=None
     if resume and not write and not follower:
         raise ConfigError("a resume continues the run in its directory, so it must write it", field="write",
                           value=False, allowed="write=True with resume=True, or resume=False")
-    if out is not None:
-        out = out_path(out)  # "" is refused (it would mean the current directory)
-    if isinstance(config, Prepared):
-        if overrides or x is not None or y is not None or dataset is not None:
-            raise ConfigError("a prepared config already holds its overrides and data", field="config",
-                              allowed="overrides, x, y and dataset given to mfld.app.inputs.prepare")
-        if config.resume != bool(resume) or config.out != (None if out is None else Path(out)):
-            raise ConfigError("the config was prepared for another run directory or resume mode", field="config",
-                              value=f"out={config.out}, resume={config.resume}",
-                              allowed=f"prepare(..., out={out!r}, resume={bool(resume)})")
-        prep = config
-    else:
-        prep = prepare(config, overrides, out=out, resume=resume, x=x, y=y, x_test=x_test, y_test=y_test,
-                       dataset=dataset, overwrite=overwrite, check_dir=write)
-    with precision_context(prep.config.precision):
-        return _run(prep.config, prep.dataset, out, overwrite, resume, progress, write, handle_signals, devices)
+    opts = RunOptions(None if out is None else inputs.out_path(out),  # "" is refused (the current directory)
+                      overwrite, resume, progress, write, handle_signals, devices)
+    prep = _prepared(config, opts, dict(overrides=overrides, x=x, y=y, x_test=x_test, y_test=y_test,
+                                        dataset=dataset))
+    with inputs.precision_context(prep.config.precision):
+        return _Run(prep.config, prep.dataset, opts).execute()
+
+
+def _prepared(config, opts: RunOptions, given: dict) -> inputs.Prepared:
+    """``config`` if it is a :class:`mfld.app.inputs.Prepared` for ``opts`` (and nothing in
+    ``given``: overrides, arrays, dataset), else :func:`mfld.app.inputs.prepare` of it."""
+    if not isinstance(config, inputs.Prepared):
+        given = dict(given)
+        return inputs.prepare(config, given.pop("overrides"), out=opts.out, resume=opts.resume,
+                              overwrite=opts.overwrite, check_dir=opts.write, **given)
+    if given["overrides"] or any(given[k] is not None for k in ("x", "y", "dataset")):
+        raise ConfigError("a prepared config already holds its overrides and data", field="config",
+                          allowed="overrides, x, y and dataset given to mfld.app.inputs.prepare")
+    if config.resume != bool(opts.resume) or config.out != (None if opts.out is None else Path(opts.out)):
+        raise ConfigError("the config was prepared for another run directory or resume mode", field="config",
+                          value=f"out={config.out}, resume={config.resume}",
+                          allowed=f"prepare(..., out={opts.out!r}, resume={bool(opts.resume)})")
+    return config
+
+
+class _Run:
+    """One run of a resolved config and its data: the steps of :func:`run`, in order.
+
+    Fields, set as the steps go: ``problem``, ``stepper``, ``state`` (the particles),
+    ``fingerprint`` (the data's SHA-256), ``out_dir``, the directory's ``lock``, the
+    ``signals`` flag, ``wrote`` (the run directory holds this run's files), ``created`` (the
+    directories this run made, removed if it fails before writing), a resume's ``prior``
+    metrics, ``resumed_from`` step and ``stored_optimum``; then the records: ``certs``
+    (:class:`mfld.app.certificates.RunCertificates`), ``hook`` (:class:`_RecordHook`, which holds
+    the :class:`mfld.app.records.RunStatus`) and ``notes``.
+    """
+
+    def __init__(self, cfg: cfgmod.Config, dataset, opts: RunOptions):
+        self.cfg, self.dataset, self.opts = cfg, dataset, opts
+        self.t_start = time.perf_counter()
+        self.notes: list[str] = []
+        self.created: list[Path] = []
+        self.out_dir = Path(opts.out) if opts.out is not None else None
+        self.lock = self.signals = None
+        self.wrote = False
+        self.prior = self.resumed_from = self.stored_optimum = None
+        self.problem = self.stepper = self.state = self.fingerprint = None
+        self.certs = self.hook = None
+
+    def execute(self) -> RunResult:
+        """Check and build, then (holding the lock) read a resume, write, simulate and record;
+        a Ctrl-C carries the run directory for the CLI's "resume with" line."""
+        self._check_and_build()
+        try:
+            self._open()
+            return self._simulate_and_record()
+        except KeyboardInterrupt as err:
+            err.run_dir = self.out_dir if self.wrote else None  # for the CLI's "resume with" line
+            raise
+        finally:
+            self._close()
+
+    def _check_and_build(self):
+        """Everything that can be a user mistake is checked before anything is written (the
+        config and the data were checked by :func:`mfld.app.inputs.prepare`); then the problem,
+        the stepper and the initial particles."""
+        cfg, opts = self.cfg, self.opts
+        if opts.write and opts.out is not None:
+            inputs.check_out_dir(opts.out, overwrite=opts.overwrite, resume=opts.resume)
+        self.problem = inputs.build_problem(cfg, self.dataset)
+        self.stepper = dynamics.Langevin(eta=cfg.dynamics.eta, scheme=cfg.dynamics.scheme,
+                                         batch_size=cfg.dynamics.batch_size, tau_schedule=cfg.dynamics.tau_schedule)
+        init = cfg.model.init
+        self.state = dynamics.init_particles(self.problem, cfg.model.n_particles, cfg.seed, a_scale=init.a_scale,
+                                             w_scale=init.w_scale, plus_fraction=init.plus_fraction)
+        self.fingerprint = inputs.data_fingerprint(self.dataset)
+
+    def _open(self):
+        """Claim the directory (the lock first: every check of the directory and every read of a
+        resume under it), read a resume (a non-writing process of a multi-process run reads
+        too), clear it for ``overwrite``, write the config and environment, catch signals."""
+        opts = self.opts
+        if opts.write:
+            self._claim_dir()
+        if opts.resume and self.out_dir is not None:
+            self._read_resume()
+        if opts.write:
+            if opts.overwrite and not opts.resume:
+                _clear_dir(self.out_dir)
+            self.wrote = True
+            self._write_config_and_env()
+            self.signals = _Signals(opts.handle_signals)
+
+    def _claim_dir(self):
+        """Create (or reserve the default) run directory, take its lock, and check it again
+        under the lock: another run may have written the directory since the first check."""
+        if self.out_dir is None:
+            self.out_dir = reserve_default_dir(self.cfg, self.created)
+        else:
+            self.created.extend(_missing_dirs(self.out_dir))
+        self.lock = RunLock(self.out_dir)
+        try:
+            self.lock.acquire()
+        except OSError as err:  # the directory cannot be made (a name too long, permissions ...)
+            raise ConfigError(f"cannot create the run directory ({err.strerror or err})", field="--out",
+                              value=str(self.out_dir)) from None
+        if self.lock.took_over:
+            self.notes.append("took over a stale lock left by a process that is gone")
+        inputs.check_out_dir(self.out_dir, overwrite=self.opts.overwrite, resume=self.opts.resume)
+
+    def _close(self):
+        """Restore the signal handlers, release the lock; a run that failed before writing
+        anything removes the directories it made."""
+        if self.signals is not None:
+            self.signals.restore()
+        if self.lock is not None:
+            self.lock.release()
+        if not self.wrote:
+            for d in reversed(self.created):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+
+    def _read_resume(self):
+        """The state, prior metrics, resumed-from step and stored optimum of the run in
+        ``out_dir``, every file checked before anything is written (under the run's lock when
+        writing): the marker's integrity record of config.yaml and env.json, the data's SHA-256,
+        the checkpoint (shapes, dtype, key, a step that metrics.csv has a row for), metrics.csv
+        and optimum.json. A writing run then removes the temporary files of interrupted writes."""
+        out_dir, notes = self.out_dir, self.notes
+        marker = rundir.read_marker(out_dir)
+        if marker is None:
+            notes.append("the run directory has no integrity record (written by an older mfld): config.yaml and "
+                         "env.json were not verified")
+        rundir.check_integrity(out_dir, rundir.CONFIG, rundir.read_config(out_dir / rundir.CONFIG), marker)
+        if inputs.read_run_env(out_dir).get("data_sha256") not in (None, self.fingerprint):
+            raise ConfigError("the data differ from the stored run's (SHA-256 mismatch)", field="--resume",
+                              value=str(out_dir), allowed="the same data as the interrupted run")
+        if self.cfg.record.optimum:
+            self.stored_optimum = certificates.read_optimum(out_dir, self.problem)
+        if (out_dir / rundir.CHECKPOINT).exists():
+            self.state, self.prior, self.resumed_from = _read_checkpoint_and_metrics(out_dir, self.cfg, self.state)
+        else:  # killed before the first checkpoint: start again from step 0
+            notes.append("no checkpoint in the run directory: restarted from step 0")
+            self.prior, self.resumed_from = None, 0
+        if self.opts.write:  # every file checked: now the leftovers of interrupted writes can go
+            removed = rundir.remove_temporaries(out_dir)
+            if removed:
+                notes.append(f"removed {len(removed)} temporary file(s) of an interrupted write: "
+                             + ", ".join(removed[:3]) + (" ..." if len(removed) > 3 else ""))
+
+    def _write_config_and_env(self):
+        """The run's marker, config.yaml, env.json (and data.npz): the marker (with the integrity
+        record of the new config and env, the old ones still accepted) first, then the files,
+        then the marker again without the old ones -- a crash anywhere in between leaves a run
+        that resumes."""
+        out_dir, cfg = self.out_dir, self.cfg
+        config_text = cfg.to_yaml()
+        env = rundir.environment(cfg.seed, cfg.precision)
+        env["data_sha256"] = self.fingerprint
+        env["particle_devices"] = _mesh_size(self.opts.devices)
+        previous = {}  # the digests of the files as they are now: accepted until the new ones are written
+        if self.opts.resume:
+            env = self._resumed_env(env, previous)
+        env_text = rundir.json_text(env)
+        records = {rundir.CONFIG: rundir.digest(cfgmod.validate(cfgmod.safe_load(config_text)).to_dict()),
+                   rundir.ENV: rundir.digest(json.loads(env_text))}
+        rundir.write_marker(out_dir, records, previous=previous)
+        rundir.atomic_write_text(out_dir / rundir.CONFIG, config_text)
+        rundir.atomic_write_text(out_dir / rundir.ENV, env_text)
+        if previous:
+            rundir.write_marker(out_dir, records)
+        if self.dataset.meta.get("kind") == "arrays" and not (out_dir / rundir.DATA).exists():
+            _save_arrays(out_dir / rundir.DATA, self.dataset)  # so that `mfld plot` can redraw
+
+    def _resumed_env(self, env: dict, previous: dict) -> dict:
+        """A resume's env.json: the stored one with this resume appended to ``resumes`` (``env``
+        if there is none); the digests of the stored config.yaml and env.json go to ``previous``."""
+        out_dir = self.out_dir
+        if (out_dir / rundir.CONFIG).exists():
+            previous[rundir.CONFIG] = rundir.digest(rundir.read_config(out_dir / rundir.CONFIG))
+        env_old = inputs.read_run_env(out_dir)
+        if not env_old:
+            return env
+        previous[rundir.ENV] = rundir.digest(env_old)
+        env_old = dict(env_old)
+        env_old["resumes"] = list(env_old.get("resumes") or [])
+        env_old["resumes"].append(
+            {k: env[k] for k in ("argv", "jax", "jaxlib", "devices", "git", "x64")}
+            | {"from_step": self.resumed_from, "time": _dt.datetime.now().isoformat(timespec="seconds")})
+        return env_old
+
+    # ---- simulate and record ------------------------------------------------------------
+
+    def _simulate_and_record(self) -> RunResult:
+        """Certificates and the optimum, the simulation with the record hook, then the run's
+        outcome (:meth:`_finish`) and its files (:meth:`_write_outputs`)."""
+        cfg = self.cfg
+        self.certs = certificates.optimum_and_certify(cfg, self.problem, self.state, self.notes,
+                                                      self.stored_optimum)
+        if self.opts.write and self.certs.solved:
+            rundir.atomic_write_text(self.out_dir / rundir.OPTIMUM, self.certs.optimum.to_json())
+        initial_state = self.state
+        self.hook = _RecordHook(self, dynamics.History(), self.certs.certify)
+        remaining = max(cfg.dynamics.steps - int(self.state.step), 0)
+        if self.resumed_from is not None and remaining == 0:
+            self.notes.append(f"nothing to do: the run is already at step {int(self.state.step)} of "
+                              f"{cfg.dynamics.steps}")
+        state, hist = self._simulate(remaining)
+        state, metrics, summary = self._finish(initial_state, state, hist)
+        if self.opts.write:
+            self._write_outputs(state, metrics, summary)
+        return RunResult(cfg, self.problem, state, rundir.Metrics({k: np.asarray(v) for k, v in metrics.items()}),
+                         summary, self.out_dir, self.dataset, self.certs.optimum, self.notes)
+
+    def _simulate(self, n_steps: int):
+        """(final state, History) of ``n_steps`` more steps; on any exception a writing run's
+        summary says what happened (``interrupted`` or ``failed``) before it is re-raised."""
+        cfg, rec, opts = self.cfg, self.cfg.record, self.opts
+        try:
+            simulate = dynamics.simulate
+            if _mesh_size(opts.devices) > 1:  # particles sharded; callbacks and the result see gathered copies
+                from mfld import sharding
+
+                simulate = partial(sharding.simulate_local,
+                                   n_devices=None if jax.process_count() > 1 else opts.devices)
+            return simulate(self.problem, self.state, self.stepper, n_steps, record_every=rec.every,
+                            chunk=cfg.dynamics.chunk, callback=self.hook,
+                            progress=rec.progress if opts.progress is None else opts.progress,
+                            record_initial=self.prior is None, history=self.hook.hist)
+        except BaseException as err:  # keep the run directory consistent: say what happened, then re-raise
+            if opts.write:
+                self._write_failure(err)
+            raise
+
+    def _write_failure(self, err: BaseException):
+        """summary.json of a run stopped by an exception: ``interrupted`` (a second signal) or
+        ``failed``, with the rows recorded before the run started and the checkpoint's step."""
+        status = self.hook.status
+        interrupted = isinstance(err, KeyboardInterrupt)
+        status.value = "interrupted" if interrupted else "failed"
+        status.reason = ("second signal: stopped without a new checkpoint" if interrupted
+                         else f"{type(err).__name__}: {err}")
+        summary = run_summary(self.cfg, merge_metrics(self.prior, {}), status, time.perf_counter() - self.t_start,
+                              self.certs.optimum)
+        summary["checkpoint_step"] = _checkpoint_step(self.out_dir)
+        summary["notes"] = self.notes
+        rundir.write_json(self.out_dir / rundir.SUMMARY, summary)
+
+    def _finish(self, initial_state, state, hist):
+        """(state, metrics, summary) of the run as it ended: a diverged run keeps its last finite
+        state and the rows up to it and is given a stable step; a completed one that is not
+        converging is told so; then the guards' notes (precision, quantised signs ...)."""
+        cfg, hook, notes = self.cfg, self.hook, self.notes
+        status = hook.status
+        metrics = merge_metrics(self.prior, hist.columns)
+        if status.value == "diverged":
+            state = hook.last_good
+            keep = [i for i, st in enumerate(metrics.get("step", [])) if st <= hook.last_good_step]
+            metrics = {k: [v[i] for i in keep] for k, v in metrics.items()}
+        summary = run_summary(cfg, metrics, status, time.perf_counter() - self.t_start, self.certs.optimum)
+        if self.resumed_from is not None:
+            summary["resumed_from_step"] = self.resumed_from
+        if status.value == "diverged":
+            summary["last_good_step"] = hook.last_good_step
+            # the curvature where the run started and where it was last finite (often already blowing up)
+            suggestion = suggest_step_size(self.problem, cfg.dynamics.eta, [initial_state, hook.last_good])
+            summary["suggested_eta"] = suggestion["eta"]
+            summary["curvature"] = suggestion["curvature"]
+            notes.append(f"the run diverged ({status.reason}); the last finite state (step {hook.last_good_step}) "
+                         f"is checkpointed; {suggestion['why']}: rerun with --set "
+                         f"dynamics.eta={suggestion['eta']:.3g} --overwrite")
+        if status.value == "completed":
+            note = _convergence_note(cfg, self.problem, metrics, [initial_state, state])
+            if note:
+                summary["not_converging"] = True
+                notes.append(note)
+        notes.extend(guards.run_notes(cfg.precision, metrics, np.asarray(state.a), np.asarray(state.w),
+                                      problem=self.problem, certified=self.certs.certify is not None))
+        return state, metrics, summary
+
+    def _write_outputs(self, state, metrics: dict, summary: dict):
+        """metrics.csv, the checkpoint and summary.json (the numbers first), then the figures
+        (a figure that fails is a note, never a lost run) and summary.json again."""
+        out_dir = self.out_dir
+        if metrics:
+            rundir.write_metrics(out_dir / rundir.METRICS, metrics)
+        _checkpoint(out_dir, state)
+        summary["checkpoint_step"] = int(state.step)
+        summary["notes"] = self.notes
+        rundir.write_json(out_dir / rundir.SUMMARY, summary)  # the numbers first, the figures after
+        try:
+            figs = run_figures.make_figures(out_dir, problem=self.problem, dataset=self.dataset,
+                                            a=np.asarray(state.a), w=np.asarray(state.w), metrics=metrics,
+                                            optimum=self.certs.optimum)
+            summary["figures"] = figs
+        except Exception as err:  # a figure must never lose a run's numbers
+            self.notes.append(f"figures failed: {type(err).__name__}: {err}")
+        summary["notes"] = self.notes
+        summary["run_time_s"] = time.perf_counter() - self.t_start
+        rundir.write_json(out_dir / rundir.SUMMARY, summary)
+
+
+class _RecordHook:
+    """The callback of :func:`mfld.dynamics.simulate` at each record: divergence check,
+    certificates, snapshots, periodic checkpoints and the signal flag.
+
+    ``status`` (:class:`mfld.app.records.RunStatus`) says how the run ended;
+    ``last_good``/``last_good_step`` are the last finite state and its step. ``hist`` is the
+    History the simulation appends the rows to (a checkpoint writes it with ``prior``).
+    """
+
+    def __init__(self, run: _Run, hist, certify=None):
+        self.rec = run.cfg.record
+        self.out_dir, self.write, self.signals, self.prior = run.out_dir, run.opts.write, run.signals, run.prior
+        self.hist, self.certify = hist, certify
+        self.status = RunStatus()
+        self.last_good, self.last_good_step = run.state, int(run.state.step)
+        prior = run.prior
+        # wall_time continues across resumes (it is not part of the bit-for-bit contract)
+        self.wall_offset = (float(prior["wall_time"][-1]) if prior and "wall_time" in prior and len(prior["step"])
+                            else 0.0)
+
+    def __call__(self, s, row) -> bool:
+        rec, status = self.rec, self.status
+        if "wall_time" in row:
+            row["wall_time"] += self.wall_offset
+        if not (is_finite_row(row) and bool(jnp.all(jnp.isfinite(s.w))) and bool(jnp.all(jnp.isfinite(s.a)))):
+            status.value = "diverged"
+            status.reason = f"non-finite particles or risk at step {row['step']}"
+            status.diverged_at_step = row["step"]
+            return True
+        self.last_good, self.last_good_step = s, row["step"]
+        step = row["step"]
+        if self.certify is not None and step % rec.certify_every == 0:
+            row.update(self.certify(s))
+        if self.write and rec.snapshot_every and step % rec.snapshot_every == 0:
+            rundir.save_checkpoint(self.out_dir / "snapshots" / f"step_{step:09d}.npz", s.a, s.w, step,
+                                   jax.random.key_data(s.key))
+        stop = self.signals is not None and self.signals.signum is not None
+        if self.write and not stop and rec.checkpoint_every and step % rec.checkpoint_every == 0 and step > 0:
+            self._checkpoint(s, row)
+        if stop:
+            status.value = "interrupted"
+            status.reason = f"signal {self.signals.signum} at step {step}"
+            status.signal = self.signals.signum
+        return stop
+
+    def _checkpoint(self, s, row):
+        rows = dynamics.History({k: list(v) for k, v in self.hist.columns.items()})
+        rows.append(row)
+        # metrics first, then the checkpoint: a kill in between leaves metrics rows beyond the
+        # checkpoint, which a resume truncates; the other order would lose rows.
+        rundir.write_metrics(self.out_dir / rundir.METRICS, merge_metrics(self.prior, rows.columns))
+        _checkpoint(self.out_dir, s)
 
 
 class _Signals:
     """SIGINT/SIGTERM -> a flag checked at each record (a second signal aborts at once)."""
 
     def __init__(self, enabled: bool):
-        import signal
-        import threading
-
         self.signum = None
         self._old = {}
         if not enabled or threading.current_thread() is not threading.main_thread():
@@ -187,83 +506,9 @@ class _Signals:
         self.signum = signum
 
     def restore(self):
-        import signal
-
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
-
-
-def _is_finite_row(row) -> bool:
-    return all(math.isfinite(row.get(k, 0.0)) for k in ("risk", "reg_risk", "grad_norm"))
-
-
-def _run(cfg, dataset, out, overwrite, resume, progress, write, handle_signals, devices=None):
-    from mfld import dynamics
-    from mfld.app.lock import RunLock
-
-    t_start = time.perf_counter()
-    notes: list[str] = []
-    created: list[Path] = []  # directories this run created (removed if it fails before writing)
-
-    # ---- everything that can be a user mistake is checked before anything is written ----
-    # (the config and the data were checked by mfld.app.inputs.prepare)
-    if write and out is not None:
-        check_out_dir(out, overwrite=overwrite, resume=resume)
-    problem = build_problem(cfg, dataset)
-    stepper = dynamics.Langevin(eta=cfg.dynamics.eta, scheme=cfg.dynamics.scheme,
-                                batch_size=cfg.dynamics.batch_size, tau_schedule=cfg.dynamics.tau_schedule)
-    state = dynamics.init_particles(problem, cfg.model.n_particles, cfg.seed, a_scale=cfg.model.init.a_scale,
-                                    w_scale=cfg.model.init.w_scale, plus_fraction=cfg.model.init.plus_fraction)
-    fingerprint = data_fingerprint(dataset)
-    out_dir = Path(out) if out is not None else None
-    lock = None
-    signals = None
-    wrote = False
-    try:
-        if write:  # the lock first: every check of the directory and every read of a resume under it
-            if out_dir is None:
-                out_dir = reserve_default_dir(cfg, created)
-            else:
-                created.extend(_missing_dirs(out_dir))
-            lock = RunLock(out_dir)
-            try:
-                lock.acquire()
-            except OSError as err:  # the directory cannot be made (a name too long, permissions ...)
-                raise ConfigError(f"cannot create the run directory ({err.strerror or err})", field="--out",
-                                  value=str(out_dir)) from None
-            if lock.took_over:
-                notes.append("took over a stale lock left by a process that is gone")
-            # again under the lock: another run may have written the directory since the check
-            check_out_dir(out_dir, overwrite=overwrite, resume=resume)
-        prior = None
-        resumed_from = None
-        stored_optimum = None
-        if resume and out_dir is not None:  # (write=False: another process of a multi-process run reads too)
-            state, prior, resumed_from, stored_optimum = _read_resume(out_dir, cfg, problem, state, fingerprint,
-                                                                      notes, clean=write)
-        if write:
-            if overwrite and not resume:
-                _clear_dir(out_dir)
-            wrote = True
-            _write_config_and_env(out_dir, cfg, dataset, fingerprint, devices, resume, resumed_from)
-            signals = _Signals(handle_signals)
-        return _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_from, out_dir,
-                                    write, progress, notes, signals, t_start, devices, resume, stored_optimum)
-    except KeyboardInterrupt as err:
-        err.run_dir = out_dir if wrote else None  # for the CLI's "resume with" line
-        raise
-    finally:
-        if signals is not None:
-            signals.restore()
-        if lock is not None:
-            lock.release()
-        if not wrote:  # failed before writing anything: remove the directories this run made
-            for d in reversed(created):
-                try:
-                    d.rmdir()
-                except OSError:
-                    pass
 
 
 def _missing_dirs(d: Path) -> list[Path]:
@@ -274,72 +519,6 @@ def _missing_dirs(d: Path) -> list[Path]:
             break
         missing.append(q)
     return list(reversed(missing))
-
-
-def _write_config_and_env(out_dir, cfg, dataset, fingerprint, devices, resume, resumed_from):
-    """The run's marker, config.yaml, env.json (and data.npz): the marker (with the integrity
-    record of the new config and env, the old ones still accepted) first, then the files, then
-    the marker again without the old ones -- a crash anywhere in between leaves a run that
-    resumes."""
-    import json
-
-    config_text = cfg.to_yaml()
-    env = rundir.environment(cfg.seed, cfg.precision)
-    env["data_sha256"] = fingerprint
-    env["particle_devices"] = _mesh_size(devices)
-    previous = {}  # the digests of the files as they are now: accepted until the new ones are written
-    if resume:
-        if (out_dir / rundir.CONFIG).exists():
-            previous[rundir.CONFIG] = rundir.digest(rundir.read_config(out_dir / rundir.CONFIG))
-        env_old = read_run_env(out_dir)
-        if env_old:
-            previous[rundir.ENV] = rundir.digest(env_old)
-            env_old = dict(env_old)
-            env_old["resumes"] = list(env_old.get("resumes") or [])
-            env_old["resumes"].append(
-                {k: env[k] for k in ("argv", "jax", "jaxlib", "devices", "git", "x64")}
-                | {"from_step": resumed_from, "time": _dt.datetime.now().isoformat(timespec="seconds")})
-            env = env_old
-    env_text = rundir.json_text(env)
-    records = {rundir.CONFIG: rundir.digest(cfgmod.validate(cfgmod.safe_load(config_text)).to_dict()),
-               rundir.ENV: rundir.digest(json.loads(env_text))}
-    rundir.write_marker(out_dir, records, previous=previous)
-    rundir.atomic_write_text(out_dir / rundir.CONFIG, config_text)
-    rundir.atomic_write_text(out_dir / rundir.ENV, env_text)
-    if previous:
-        rundir.write_marker(out_dir, records)
-    if dataset.meta.get("kind") == "arrays" and not (out_dir / rundir.DATA).exists():
-        _save_arrays(out_dir / rundir.DATA, dataset)  # so that `mfld plot` can redraw
-
-
-def _read_resume(out_dir, cfg, problem, state, fingerprint, notes, clean=True):
-    """(state, prior metrics, resumed-from step, stored optimum or None) of the run in
-    ``out_dir``, every file checked before anything is written (under the run's lock when
-    writing): the marker's integrity record of config.yaml and env.json, the data's SHA-256,
-    the checkpoint (shapes, dtype, key, a step that metrics.csv has a row for), metrics.csv and
-    optimum.json. ``clean``: remove the temporary files of interrupted writes."""
-    marker = rundir.read_marker(out_dir)
-    if marker is None:
-        notes.append("the run directory has no integrity record (written by an older mfld): config.yaml and "
-                     "env.json were not verified")
-    stored_cfg = rundir.read_config(out_dir / rundir.CONFIG)
-    rundir.check_integrity(out_dir, rundir.CONFIG, stored_cfg, marker)
-    env_old = read_run_env(out_dir)
-    if env_old.get("data_sha256") not in (None, fingerprint):
-        raise ConfigError("the data differ from the stored run's (SHA-256 mismatch)", field="--resume",
-                          value=str(out_dir), allowed="the same data as the interrupted run")
-    stored_optimum = _read_optimum(out_dir, problem) if cfg.record.optimum else None
-    if (out_dir / rundir.CHECKPOINT).exists():
-        state, prior, resumed_from = _read_checkpoint_and_metrics(out_dir, cfg, state)
-    else:  # killed before the first checkpoint: start again from step 0
-        notes.append("no checkpoint in the run directory: restarted from step 0")
-        prior, resumed_from = None, 0
-    if clean:  # every file checked: now the leftovers of interrupted writes can go
-        removed = rundir.remove_temporaries(out_dir)
-        if removed:
-            notes.append(f"removed {len(removed)} temporary file(s) of an interrupted write: "
-                         + ", ".join(removed[:3]) + (" ..." if len(removed) > 3 else ""))
-    return state, prior, resumed_from, stored_optimum
 
 
 def _read_checkpoint_and_metrics(out_dir, cfg, state):
@@ -367,237 +546,14 @@ def _read_checkpoint_and_metrics(out_dir, cfg, state):
     return state, prior, resumed_from
 
 
-def _read_optimum(out_dir, problem):
-    """The run's optimum.json (None if there is none), checked against the problem."""
-    import json
-
-    path = out_dir / rundir.OPTIMUM
-    if not path.exists():
-        return None
-    d = rundir.read_json(path, required=("F_star", "F_star_err", "F_star_upper", "u", "f", "method", "mean", "cov"))
-    allowed = "the optimum.json the run wrote"
-    for k in ("F_star", "F_star_err", "F_star_upper"):
-        if isinstance(d[k], bool) or not isinstance(d[k], (int, float)) or not math.isfinite(d[k]):
-            raise rundir.RunFileError(path, f"key {k!r} is {d[k]!r:.40}, not a finite number", allowed)
-    n = int(problem.n)
-    for k in ("u", "f"):
-        if not (isinstance(d[k], list) and len(d[k]) == n and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in d[k])):
-            raise rundir.RunFileError(path, f"key {k!r} is not a list of {n} finite numbers (one per data point)",
-                                      allowed)
-    if d["method"] not in ("closed_form", "quadrature", "mc"):
-        raise rundir.RunFileError(path, f"key 'method' is {d['method']!r:.40}", "closed_form, quadrature or mc")
-    try:
-        mean = np.asarray(d["mean"], dtype=np.float64)
-        cov = np.asarray(d["cov"], dtype=np.float64)
-        ok = mean.ndim == 1 and cov.shape == (mean.size, mean.size) and np.all(np.isfinite(cov))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise rundir.RunFileError(path, "keys 'mean' and 'cov' are not a vector and a matching square matrix",
-                                  allowed)
-    pf = d.get("plus_fraction", 0.5)
-    if isinstance(pf, bool) or not isinstance(pf, (int, float)) or not 0 <= pf <= 1:
-        raise rundir.RunFileError(path, f"key 'plus_fraction' is {pf!r:.40}", "a number in [0, 1]")
-    if not isinstance(d.get("info", {}), dict):
-        raise rundir.RunFileError(path, "key 'info' is not an object", allowed)
-    from mfld.optimum import Optimum
-
-    try:
-        return Optimum.from_json(json.dumps(d), problem=problem)
-    except Exception as err:  # noqa: BLE001 - whatever else is wrong with it: one line
-        raise rundir.RunFileError(path, f"not usable ({type(err).__name__})", allowed) from None
-
-
 def _mesh_size(devices) -> int:
     """The number of devices the particles are sharded over (1: not sharded)."""
-    import jax
-
     if jax.process_count() > 1:
         return len(jax.devices())
     return int(devices or 1)
 
 
-class _RecordHook:
-    """The callback of :func:`mfld.dynamics.simulate` at each record: divergence check,
-    certificates, snapshots, periodic checkpoints and the signal flag.
-
-    ``status`` (``value``, ``reason``, and ``diverged_at_step`` or ``signal``) says how the run
-    ended; ``last_good``/``last_good_step`` are the last finite state and its step. ``hist`` is
-    the History the simulation appends the rows to (a checkpoint writes it with ``prior``).
-    """
-
-    def __init__(self, cfg, out_dir, write, signals, prior, state, hist, certify=None):
-        self.rec = cfg.record
-        self.out_dir, self.write, self.signals, self.prior, self.hist = out_dir, write, signals, prior, hist
-        self.certify = certify
-        self.status = {"value": "completed", "reason": None}
-        self.last_good, self.last_good_step = state, int(state.step)
-        # wall_time continues across resumes (it is not part of the bit-for-bit contract)
-        self.wall_offset = (float(prior["wall_time"][-1]) if prior and "wall_time" in prior and len(prior["step"])
-                            else 0.0)
-
-    def __call__(self, s, row) -> bool:
-        import jax
-        import jax.numpy as jnp
-
-        rec, status = self.rec, self.status
-        if "wall_time" in row:
-            row["wall_time"] += self.wall_offset
-        if not (_is_finite_row(row) and bool(jnp.all(jnp.isfinite(s.w))) and bool(jnp.all(jnp.isfinite(s.a)))):
-            status["value"] = "diverged"
-            status["reason"] = f"non-finite particles or risk at step {row['step']}"
-            status["diverged_at_step"] = row["step"]
-            return True
-        self.last_good, self.last_good_step = s, row["step"]
-        step = row["step"]
-        if self.certify is not None and step % rec.certify_every == 0:
-            row.update(self.certify(s))
-        if self.write and rec.snapshot_every and step % rec.snapshot_every == 0:
-            rundir.save_checkpoint(self.out_dir / "snapshots" / f"step_{step:09d}.npz", s.a, s.w, step,
-                                   jax.random.key_data(s.key))
-        stop = self.signals is not None and self.signals.signum is not None
-        if self.write and not stop and rec.checkpoint_every and step % rec.checkpoint_every == 0 and step > 0:
-            self._checkpoint(s, row)
-        if stop:
-            status["value"] = "interrupted"
-            status["reason"] = f"signal {self.signals.signum} at step {step}"
-            status["signal"] = self.signals.signum
-        return stop
-
-    def _checkpoint(self, s, row):
-        from mfld import dynamics
-
-        rows = dynamics.History({k: list(v) for k, v in self.hist.columns.items()})
-        rows.append(row)
-        # metrics first, then the checkpoint: a kill in between leaves metrics rows beyond the
-        # checkpoint, which a resume truncates; the other order would lose rows.
-        rundir.write_metrics(self.out_dir / rundir.METRICS, _merge(self.prior, rows.columns))
-        _checkpoint(self.out_dir, s)
-
-
-def _optimum_and_certify(cfg, problem, state, out_dir, write, resume, notes, stored_optimum=None):
-    """(optimum or None, certify(state) -> dict or None) as ``record`` asks and the theory allows
-    (``stored_optimum``: a resumed run's optimum.json, read and checked before anything was written)."""
-    rec = cfg.record
-    cert_reason = certificates_available(problem) if rec.certify_every or rec.optimum else None
-    if cert_reason:
-        notes.append(cert_reason)
-        return None, None
-    # the fixed output layer's sign fraction as the particles have it: round(pf N) / N, not pf
-    plus_fraction = (float(np.mean(np.asarray(state.a) > 0)) if problem.output == "fixed"
-                     else cfg.model.init.plus_fraction)
-    optimum = None
-    if rec.optimum:
-        if resume and stored_optimum is not None:  # a resume keeps the run's F* (no second solve)
-            optimum = stored_optimum
-        else:
-            from mfld.optimum import solve_optimum
-
-            optimum = solve_optimum(problem, seed=cfg.seed, plus_fraction=plus_fraction)
-            if "fallback" in optimum.info:
-                notes.append(f"optimum: {optimum.info['fallback']}")
-            if write:
-                rundir.atomic_write_text(out_dir / rundir.OPTIMUM, optimum.to_json())
-    certify = None
-    if rec.certify_every:
-        from mfld.duality import certify as _certify
-
-        def certify(s):
-            return _certify(problem, s.a, s.w, method=rec.certify_method, n_samples=rec.certify_samples,
-                            seed=cfg.seed, optimum=optimum, plus_fraction=plus_fraction)
-    return optimum, certify
-
-
-def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_from, out_dir, write,
-                         progress, notes, signals, t_start, devices=None, resume=False, stored_optimum=None):
-    import jax
-
-    from mfld import dynamics
-
-    # ---- certificates and the optimum (issue: certified global optimality) ------------
-    rec = cfg.record
-    optimum, certify = _optimum_and_certify(cfg, problem, state, out_dir, write, resume, notes, stored_optimum)
-    initial_state = state
-    hist = dynamics.History()
-    hook = _RecordHook(cfg, out_dir, write, signals, prior, state, hist, certify)
-    status = hook.status
-
-    show = rec.progress if progress is None else progress
-    remaining = max(cfg.dynamics.steps - int(state.step), 0)
-    if resumed_from is not None and remaining == 0:
-        notes.append(f"nothing to do: the run is already at step {int(state.step)} of {cfg.dynamics.steps}")
-    try:
-        simulate = dynamics.simulate
-        if _mesh_size(devices) > 1:  # particles sharded; callbacks and the result see gathered copies
-            from functools import partial
-
-            from mfld import sharding
-
-            simulate = partial(sharding.simulate_local, n_devices=None if jax.process_count() > 1 else devices)
-        state, hist = simulate(problem, state, stepper, remaining, record_every=rec.every,
-                               chunk=cfg.dynamics.chunk, callback=hook, progress=show,
-                               record_initial=prior is None, history=hist)
-    except BaseException as err:  # keep the run directory consistent: say what happened, then re-raise
-        if write:
-            interrupted = isinstance(err, KeyboardInterrupt)
-            status["value"] = "interrupted" if interrupted else "failed"
-            status["reason"] = ("second signal: stopped without a new checkpoint" if interrupted
-                                else f"{type(err).__name__}: {err}")
-            summary = _summary(cfg, _merge(prior, {}), status, time.perf_counter() - t_start, notes, optimum)
-            summary["checkpoint_step"] = _checkpoint_step(out_dir)
-            summary["notes"] = notes
-            rundir.write_json(out_dir / rundir.SUMMARY, summary)
-        raise
-    metrics = _merge(prior, hist.columns)
-    if status["value"] == "diverged":
-        state = hook.last_good
-        keep = [i for i, st in enumerate(metrics.get("step", [])) if st <= hook.last_good_step]
-        metrics = {k: [v[i] for i in keep] for k, v in metrics.items()}
-    summary = _summary(cfg, metrics, status, time.perf_counter() - t_start, notes, optimum)
-    if resumed_from is not None:
-        summary["resumed_from_step"] = resumed_from
-    if status["value"] == "diverged":
-        summary["last_good_step"] = hook.last_good_step
-        # the curvature where the run started and where it was last finite (often already blowing up)
-        suggestion = suggest_step_size(problem, cfg.dynamics.eta, [initial_state, hook.last_good])
-        summary["suggested_eta"] = suggestion["eta"]
-        summary["curvature"] = suggestion["curvature"]
-        notes.append(f"the run diverged ({status['reason']}); the last finite state (step {hook.last_good_step}) is "
-                     f"checkpointed; {suggestion['why']}: rerun with --set dynamics.eta={suggestion['eta']:.3g} "
-                     f"--overwrite")
-    if status["value"] == "completed":
-        note = _convergence_note(cfg, problem, metrics, [initial_state, state])
-        if note:
-            summary["not_converging"] = True
-            notes.append(note)
-    notes.extend(guards.run_notes(cfg.precision, metrics, np.asarray(state.a), np.asarray(state.w),
-                                  problem=problem, certified=certify is not None))
-    if write:
-        if metrics:
-            rundir.write_metrics(out_dir / rundir.METRICS, metrics)
-        _checkpoint(out_dir, state)
-        summary["checkpoint_step"] = int(state.step)
-        summary["notes"] = notes
-        rundir.write_json(out_dir / rundir.SUMMARY, summary)  # the numbers first, the figures after
-        from mfld.app import plots
-
-        try:
-            figs = plots.make_figures(out_dir, problem=problem, dataset=dataset, a=np.asarray(state.a),
-                                      w=np.asarray(state.w), metrics=metrics, optimum=optimum)
-            summary["figures"] = figs
-        except Exception as err:  # a figure must never lose a run's numbers
-            notes.append(f"figures failed: {type(err).__name__}: {err}")
-        summary["notes"] = notes
-        summary["run_time_s"] = time.perf_counter() - t_start
-        rundir.write_json(out_dir / rundir.SUMMARY, summary)
-    return RunResult(cfg, problem, state, rundir.Metrics({k: np.asarray(v) for k, v in metrics.items()}),
-                     summary, out_dir, dataset, optimum, notes)
-
-
 def _save_arrays(path, dataset):
-    import io
-
     arrays = {k: np.asarray(getattr(dataset, k)) for k in ("x", "y", "x_test", "y_test")
               if getattr(dataset, k) is not None}
     buf = io.BytesIO()
@@ -607,11 +563,6 @@ def _save_arrays(path, dataset):
 
 def _restore(path, template):
     """The ParticleState of a checkpoint, checked against the config's particle shapes and dtype."""
-    import jax
-    import jax.numpy as jnp
-
-    from mfld import dynamics
-
     ck = rundir.load_checkpoint(path)  # a RunFileError naming the problem if it is damaged
     a, w, step, key_data = ck["a"], ck["w"], int(ck["step"]), ck["key_data"]
     if a.shape != template.a.shape or w.shape != template.w.shape:
@@ -635,56 +586,15 @@ def _checkpoint_step(out_dir):
         return None
 
 
-def _read_json(path) -> dict:
-    import json
-
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _checkpoint(out_dir, s):
-    import jax
-
     rundir.save_checkpoint(out_dir / rundir.CHECKPOINT, s.a, s.w, int(s.step), jax.random.key_data(s.key))
-
-
-def _merge(prior, cols) -> dict:
-    cols = {k: list(v) for k, v in (cols or {}).items()}
-    if not prior:
-        return cols
-    n_prior = len(prior["step"])
-    n_new = len(next(iter(cols.values()), []))
-    keys = list(prior) + [k for k in cols if k not in prior]
-    return {k: list(prior.get(k, [float("nan")] * n_prior)) + list(cols.get(k, [float("nan")] * n_new))
-            for k in keys}
-
-
-def _summary(cfg, metrics, status, wall, notes, optimum) -> dict:
-    s = {"status": status["value"], "reason": status["reason"], "run_time_s": wall, "name": cfg.name,
-         "steps": cfg.dynamics.steps}
-    for k in ("diverged_at_step", "signal"):
-        if k in status:
-            s[k] = status[k]
-    if metrics and len(metrics.get("step", [])):
-        s["final"] = {k: (int(v[-1]) if k == "step" else float(v[-1])) for k, v in metrics.items()}
-    if optimum is not None:
-        s["F_star"] = float(optimum.F_star)
-        s["F_star_err"] = float(optimum.F_star_err)
-        s["F_star_method"] = optimum.method
-    return s
 
 
 def _clear_dir(out_dir: Path):
     """Empty a run directory for --overwrite, keeping our own lock file. Only ever called on a
     directory that holds an mfld run (:func:`mfld.app.inputs.check_out_dir`, under the lock);
     symbolic links are removed, never followed."""
-    import shutil
-
-    from mfld.app.inputs import _entries
-
-    if not _entries(out_dir):
+    if not inputs.dir_entries(out_dir):
         return  # a new or empty directory: nothing to clear
     if not rundir.is_run_dir(out_dir):  # the check ran under the lock; never clear anything else
         raise ConfigError("--overwrite refused: the directory does not hold an mfld run", field="--out",
