@@ -163,9 +163,9 @@ RUN_CASES = [
     ("logistic-on-regression", lambda t: ["--set", "objective.loss=logistic"], "objective.loss", "labels"),
     ("batch-larger-than-data", lambda t: ["--set", "dynamics.batch_size=1000"], "dynamics.batch_size", "1000"),
     # certificate settings that would fail at the first record, after the run directory is written
-    ("certify-quadrature-dim-w-3", lambda t: ["--set", "data.params.d=2", "--set", "record.certify_every=2",
+    ("certify-quadrature-dim-w-4", lambda t: ["--set", "data.params.d=3", "--set", "record.certify_every=2",
                                               "--set", "record.certify_method=quadrature"],
-     "record.certify_method", "dim(w) = 3"),
+     "record.certify_method", "dim(w) = 4"),
     ("particles-too-few-for-knn-entropy", lambda t: ["--set", "model.n_particles=3", "--set",
                                                      "record.certify_every=2"], "model.n_particles", "3"),
     ("fixed-sign-group-too-small-for-knn-entropy", lambda t: [
@@ -817,3 +817,13 @@ def test_overwrite_clears_a_run_and_accepts_new_or_empty_directories(tmp_path, c
     (user / "sub" / "data.bin").write_bytes(b"\x00")
     assert "does not hold an mfld run" in " ".join(_refused(["run", *TINY, "--out", str(user), "--overwrite"], capsys))
     assert (user / "thesis.tex").read_text() == "keep" and (user / "sub" / "data.bin").read_bytes() == b"\x00"
+
+
+def test_quadrature_up_to_the_library_limit_passes_the_up_front_check():
+    # the check and mfld.gibbs agree: dim(w) = 3 (d = 2 with bias) is certified by quadrature
+    # (it was refused up front while the library offered it)
+    from mfld.app.inputs import validate_inputs
+    from mfld.gibbs import QUAD_MAX_DIM
+
+    validate_inputs(None, {"data.params.d": QUAD_MAX_DIM - 1, "record.certify_method": "quadrature",
+                           "record.every": 2, "record.certify_every": 2})

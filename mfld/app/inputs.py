@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mfld import choices
 from mfld import config as cfgmod
 from mfld.app import rundir
 from mfld.errors import ConfigError
@@ -414,19 +415,23 @@ def check_certificate_setup(cfg: cfgmod.Config, n_inputs: int) -> None:
     """Certificate settings that would otherwise fail at the first record, after the run
     directory is written (``n_inputs``: the data's input columns, without the bias):
 
-    - ``record.certify_method: quadrature`` needs dim(w) <= 2 (dim(w) = inputs + bias);
+    - ``record.certify_method: quadrature`` needs dim(w) <= :data:`mfld.gibbs.QUAD_MAX_DIM`
+      (dim(w) = inputs + bias);
     - the k-NN entropy needs more than :data:`KNN_K` particles in each group it is estimated
       on: all particles, or for the fixed output layer each sign group of round(pf N) / the rest.
     """
     if not certificates_on(cfg):
         return
     p = int(n_inputs) + (1 if cfg.model.bias else 0)
-    if cfg.record.certify_method == "quadrature" and p > 2:
-        raise ConfigError(f"tensor quadrature is offered for dim(w) <= 2, this problem has dim(w) = {p}",
+    from mfld.gibbs import QUAD_MAX_DIM  # NumPy only, no JAX
+
+    if cfg.record.certify_method == "quadrature" and p > QUAD_MAX_DIM:
+        raise ConfigError(f"tensor quadrature is offered for dim(w) <= {QUAD_MAX_DIM}, this problem has "
+                          f"dim(w) = {p}",
                           field="record.certify_method", value="quadrature", allowed="auto, mc")
     n = int(cfg.model.n_particles)
     if cfg.model.output == "fixed":
-        n_plus = int(round(cfg.model.init.plus_fraction * n))  # as mfld.dynamics.init_particles
+        n_plus = choices.plus_count(cfg.model.init.plus_fraction, n)  # as mfld.dynamics.init_particles
         groups = [g for g in (n_plus, n - n_plus) if g > 0]
         where = " in each sign group of the fixed output layer"
     else:
