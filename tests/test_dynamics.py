@@ -23,7 +23,8 @@ import pytest
 
 from mfld import network
 from mfld import reference as ref
-from mfld.dynamics import Langevin, init_particles, run_steps, simulate, step
+from mfld.dynamics import Langevin, init_particles, run_steps, step
+from mfld.loop import simulate
 from mfld.problem import Problem
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -293,3 +294,4 @@ def test_fixed_output_layer_keeps_a():
     end, _ = simulate(problem, st, Langevin(0.1), 50, record_every=25)
     np.testing.assert_array_equal(end.a, st.a)
     assert np.abs(np.asarray(end.w) - np.asarray(st.w)).max() > 0.1
+

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from mfld import dynamics, sweep
-from mfld.dynamics import Langevin, init_particles, simulate
+from mfld.dynamics import Langevin, init_particles
 from mfld.errors import ConfigError
+from mfld.loop import simulate
 from mfld.problem import Problem
 
 

@@ -419,7 +419,7 @@ def _mesh_size(devices) -> int:
 
 
 class _RecordHook:
-    """The callback of :func:`mfld.dynamics.simulate` at each record: divergence check,
+    """The callback of :func:`mfld.loop.simulate` at each record: divergence check,
     certificates, snapshots, periodic checkpoints and the signal flag.
 
     ``status`` (``value``, ``reason``, and ``diverged_at_step`` or ``signal``) says how the run
@@ -466,9 +466,9 @@ class _RecordHook:
         return stop
 
     def _checkpoint(self, s, row):
-        from mfld import dynamics
+        from mfld import loop
 
-        rows = dynamics.History({k: list(v) for k, v in self.hist.columns.items()})
+        rows = loop.History({k: list(v) for k, v in self.hist.columns.items()})
         rows.append(row)
         # metrics first, then the checkpoint: a kill in between leaves metrics rows beyond the
         # checkpoint, which a resume truncates; the other order would lose rows.
@@ -513,13 +513,13 @@ def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_f
                          progress, notes, signals, t_start, devices=None, resume=False, stored_optimum=None):
     import jax
 
-    from mfld import dynamics
+    from mfld import loop
 
     # ---- certificates and the optimum (issue: certified global optimality) ------------
     rec = cfg.record
     optimum, certify = _optimum_and_certify(cfg, problem, state, out_dir, write, resume, notes, stored_optimum)
     initial_state = state
-    hist = dynamics.History()
+    hist = loop.History()
     hook = _RecordHook(cfg, out_dir, write, signals, prior, state, hist, certify)
     status = hook.status
 
@@ -528,7 +528,7 @@ def _simulate_and_record(cfg, problem, dataset, stepper, state, prior, resumed_f
     if resumed_from is not None and remaining == 0:
         notes.append(f"nothing to do: the run is already at step {int(state.step)} of {cfg.dynamics.steps}")
     try:
-        simulate = dynamics.simulate
+        simulate = loop.simulate
         if _mesh_size(devices) > 1:  # particles sharded; callbacks and the result see gathered copies
             from functools import partial
 

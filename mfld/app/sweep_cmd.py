@@ -158,7 +158,7 @@ def _sweep(cfg, dataset, grid, seeds, out, plan, resume, show, t_start) -> Sweep
     import jax
     import jax.numpy as jnp
 
-    from mfld import dynamics, sweep
+    from mfld import dynamics, loop, sweep
     from mfld.app import inputs, rundir, runner
 
     problem = inputs.build_problem(cfg, dataset)
@@ -221,14 +221,14 @@ def _sweep(cfg, dataset, grid, seeds, out, plan, resume, show, t_start) -> Sweep
         except Exception as err:  # noqa: BLE001 - a damaged checkpoint is a user-facing problem
             raise ConfigError(f"cannot read the sweep checkpoint or a member's metrics ({type(err).__name__})",
                               field="--resume", value=str(out), allowed="a sweep directory mfld sweep wrote") from None
-    hists = [dynamics.History() for _ in members]
+    hists = [loop.History() for _ in members]
     offsets = [float(p["wall_time"][-1]) if p and "wall_time" in p and len(p["step"]) else 0.0 for p in priors]
 
     def save(states, step, rows=None):
         """Members' metrics (with ``rows``, the record being taken) first, then the stacked
         states (a kill in between: the resume drops the metrics rows after the checkpoint)."""
         for i, d in enumerate(dirs):
-            h = dynamics.History({k: list(v) for k, v in hists[i].columns.items()})
+            h = loop.History({k: list(v) for k, v in hists[i].columns.items()})
             if rows is not None:
                 h.append(rows[i])
             rundir.write_metrics(d / rundir.METRICS, runner._merge(priors[i], h.columns))

@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from mfld import data, dynamics
+from mfld import data, dynamics, loop
 from mfld.experiments import _common as C
 from mfld.problem import Problem
 
@@ -83,7 +83,7 @@ def run(out_dir, quick: bool = False) -> dict:
             D = pb.p + 1
             st = dynamics.init_particles(pb, n_part, 0)
             stp = dynamics.Langevin(eta, tau_schedule=sched)
-            _, h = dynamics.simulate(pb, st, stp, steps, record_every=every)
+            _, h = loop.simulate(pb, st, stp, steps, record_every=every)
             taus = np.asarray(dynamics.temperature(pb, stp, np.asarray(h["t"])), dtype=np.float64) * np.ones(len(h))
             f0 = np.asarray(h["reg_risk"])
             C.append_rows(curves, run=name, t=h["t"], risk=h["risk"], F0=f0, tau=[float(v) for v in taus])

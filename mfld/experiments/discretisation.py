@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfld import dynamics, network, reference
+from mfld import dynamics, loop, network, reference
 from mfld.experiments import _common as C
 from mfld.problem import Problem
 
@@ -104,7 +104,7 @@ def run(out_dir, quick: bool = False) -> dict:
             for seed in range(cfg["n_seeds"]):
                 st = _init(pb, n_part, 100 + seed)
                 # one simulate call: burn-in and average share the compiled segment (record_every)
-                _, h = dynamics.simulate(pb, st, dynamics.Langevin(eta), cfg["burn"] + cfg["avg"],
+                _, h = loop.simulate(pb, st, dynamics.Langevin(eta), cfg["burn"] + cfg["avg"],
                                          record_every=cfg["every"], recorder=rec, record_initial=False)
                 keep = np.asarray(h["step"]) > cfg["burn"]
                 gaps.append(opt.free_energy - np.mean(h["dual"][keep]))
@@ -137,7 +137,7 @@ def run(out_dir, quick: bool = False) -> dict:
             burn, avg = cfg["check_steps"]
             st = _init(pb, cfg["check_N"], 7)
             every = max(1, avg // 40)
-            _, h = dynamics.simulate(pb, st, dynamics.Langevin(e), burn + avg, record_every=every, recorder=_var_a,
+            _, h = loop.simulate(pb, st, dynamics.Langevin(e), burn + avg, record_every=every, recorder=_var_a,
                                      record_initial=False)
             v = h["var_a"][np.asarray(h["step"]) > burn]
             # SE of a time average of correlated records: records spaced >= 1/lam apart are

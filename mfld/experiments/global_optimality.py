@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfld import data, dynamics, network
+from mfld import data, dynamics, loop, network
 from mfld.experiments import _common as C
 from mfld.optimum import solve_optimum
 from mfld.problem import Problem
@@ -63,7 +63,7 @@ def run(out_dir, quick: bool = False) -> dict:
             st = dynamics.ParticleState(jnp.asarray(a0), jnp.asarray(w0), jnp.asarray(0, jnp.int32), dyn_key)
             tr = {"t": [], "dual_lower": [], "primal_upper": [], "risk": []}
             cb = C.certify_callback(tr, pb, keep=lambda row: not (row["step"] > every and row["step"] % every))
-            st, _ = dynamics.simulate(pb, st, dynamics.Langevin(eta), steps, record_every=early, callback=cb,
+            st, _ = loop.simulate(pb, st, dynamics.Langevin(eta), steps, record_every=early, callback=cb,
                                       recorder=_risk)
             d = np.asarray(tr["dual_lower"])
             tail = d[-max(2, len(d) // 4):]

@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from mfld import duality, dynamics
+from mfld import duality, dynamics, loop
 from mfld import grid as G
 from mfld import theory as T
 from mfld.experiments import _common as C
@@ -86,7 +86,7 @@ def run(out_dir, quick: bool = False) -> dict:
                 return {"risk": network.risk(p, f)}
 
             ptab = {"t": [], "Fstar_minus_D": [], "risk": []}
-            dynamics.simulate(pb, st, dynamics.Langevin(cfg["eta"]), n_steps, record_every=cfg["record_every"],
+            loop.simulate(pb, st, dynamics.Langevin(cfg["eta"]), n_steps, record_every=cfg["record_every"],
                               recorder=rec, callback=C.certify_callback(ptab, pb, F_star=opt.F_star))
         ts, dg, pr = np.asarray(ptab["t"]), np.asarray(ptab["Fstar_minus_D"]), ptab["risk"]
         # strong duality across implementations: the grid's F* against mfld.duality's D at the grid's u*

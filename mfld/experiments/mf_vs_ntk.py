@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfld import data, dynamics, network
+from mfld import data, dynamics, loop, network
 from mfld.errors import ConfigError
 from mfld.experiments import _common as C
 from mfld.problem import Problem
@@ -157,7 +157,7 @@ def run(out_dir, quick: bool = False) -> dict:
                     acc = {k: [] for k in ("distance", "kernel_change", "train_risk", "test_risk", "sq_to_flow")}
                     for seed in seeds:
                         st0 = symmetric_init(pb, n_part, seed)
-                        st, _ = dynamics.simulate(pb, st0, dynamics.Langevin(eta), steps, record_every=steps,
+                        st, _ = loop.simulate(pb, st0, dynamics.Langevin(eta), steps, record_every=steps,
                                                   recorder=_nothing, record_initial=False)
                         dist, kc, f_tr, f_te = (np.asarray(v) for v in _measure(pb, st0.a, st0.w, st.a, st.w))
                         acc["distance"].append(float(dist))

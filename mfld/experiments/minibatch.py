@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfld import data, dynamics, network
+from mfld import data, dynamics, loop, network
 from mfld.experiments import _common as C
 from mfld.optimum import solve_optimum
 from mfld.problem import Problem
@@ -123,7 +123,7 @@ def run(out_dir, quick: bool = False) -> dict:
                 return False
 
             stp = dynamics.Langevin(eta, batch_size=None if b >= n else b)
-            dynamics.simulate(pb, st0, stp, budget * steps_per_epoch, record_every=every, callback=cb)
+            loop.simulate(pb, st0, stp, budget * steps_per_epoch, record_every=every, callback=cb)
 
         methods = [("full batch", n)] + [(f"minibatch b={b}", b) for b in cfg["batches"]] + [("SVRG", None)]
         bar = C.stages(methods, "minibatch")

@@ -9,7 +9,7 @@ invariant under permutations of the coordinates). n training points, a fresh tes
 
 Methods, at every (d, n, seed):
 
-- **MFLD** (mfld's own :func:`mfld.dynamics.simulate`): N = 500 particles, tanh with bias, the
+- **MFLD** (mfld's own :func:`mfld.loop.simulate`): N = 500 particles, tanh with bias, the
   bounded output layer phi = r_out tanh(a) tanh(w . z + b) with r_out = 10 (Suzuki et al.'s
   R tanh(.) output parameterisation), fixed lam = 1e-3 and tau = 1e-4 (no annealing, so the
   free energy and its certificate refer to one fixed objective), eta = 0.05, T = 1,500 steps,
@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from mfld import dynamics, network
+from mfld import dynamics, loop, network
 from mfld.experiments import _common as C
 from mfld.problem import Problem
 
@@ -77,7 +77,7 @@ def run_mfld(x, y, xt, yt, *, n_particles=500, eta=0.05, steps=1500, seed=0, cer
     pb = Problem.create(x, y, activation="tanh", loss="logistic", lam=LAM, tau=TAU, bias=True, output="bounded",
                         r_out=R_OUT, x_test=xt, y_test=yt)
     st = dynamics.init_particles(pb, n_particles, seed)
-    st, _ = dynamics.simulate(pb, st, dynamics.Langevin(eta), steps, record_every=steps, recorder=_nothing,
+    st, _ = loop.simulate(pb, st, dynamics.Langevin(eta), steps, record_every=steps, recorder=_nothing,
                               record_initial=False)
     f_tr = np.asarray(network.predict(pb, st.a, st.w), np.float64)
     f_te = np.asarray(network.predict(pb, st.a, st.w, pb.x_test), np.float64)
