@@ -136,7 +136,7 @@ def init_particles(problem: Problem, n_particles: int, seed: int = 0, *, a_scale
     return ParticleState(a, w, jnp.asarray(0, jnp.int32), dyn_key)
 
 
-def _batch(problem: Problem, stepper: Langevin, key):
+def _batch(problem: Problem, stepper: Langevin | SVRGLangevin, key):
     if stepper.batch_size is None or stepper.batch_size >= problem.n:
         return problem.x, problem.y
     idx = jax.random.choice(key, problem.n, (stepper.batch_size,), replace=False)
@@ -186,6 +186,69 @@ def step(problem: Problem, state: ParticleState, stepper: Langevin, *, n_particl
         a_new = jnp.where(active, a_new, a)
         w_new = jnp.where(active[:, None], w_new, w)
     info = StepInfo(network.risk(problem, it.f, yb), tau)
+    return ParticleState(a_new, w_new, state.step + 1, state.key), info
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SVRGLangevin:
+    """Noisy gradient descent whose minibatch drift carries an SVRG control variate
+    (Suzuki, Wu, Nitanda 2023): at a step with batch B and anchor (theta~, rho~),
+
+        v_i = grad_B(theta_i; rho) - grad_B(theta~_i; rho~) + grad_full(theta~_i; rho~) + k theta_i,
+
+    then ``theta_i <- theta_i - eta v_i + sqrt(2 eta tau) xi_i`` (the Euler step of
+    :class:`Langevin` with a constant temperature; tau / N and k = lam / N under NTK scaling).
+    The batch of ``batch_size`` rows and the noise come from (key, step) as in :func:`step`.
+    The full-batch part is fixed per anchor (:func:`svrg_anchor`), so a step costs two batch
+    passes; E_B[v_i] is the full-batch drift, and v_i is exactly it when theta = theta~.
+    """
+
+    eta: float | jax.Array
+    batch_size: int = field(metadata=dict(static=True))
+
+    def __post_init__(self):
+        if int(self.batch_size) < 1:
+            raise ConfigError("batch size must be positive", field="batch_size", value=self.batch_size,
+                              allowed="a positive integer")
+
+
+class SVRGAnchor(NamedTuple):
+    """The anchor of :class:`SVRGLangevin`: particles (a, w) and their full-batch interaction
+    gradient (grad_a, grad_w)."""
+
+    a: jax.Array
+    w: jax.Array
+    grad_a: jax.Array
+    grad_w: jax.Array
+
+
+def svrg_anchor(problem: Problem, a, w) -> SVRGAnchor:
+    """The anchor of an SVRG epoch at the particles (a, w): one full-batch interaction."""
+    full = network.interaction(problem, a, w)
+    return SVRGAnchor(a, w, full.grad_a, full.grad_w)
+
+
+def svrg_step(problem: Problem, state: ParticleState, stepper: SVRGLangevin, anchor: SVRGAnchor):
+    """One step of :class:`SVRGLangevin` from ``state`` with ``anchor``. Returns
+    ``(new_state, StepInfo)`` (the risk of the batch before the step). Pure and jittable."""
+    a, w = state.a, state.w
+    n_particles = a.shape[0]
+    kk = jax.random.fold_in(state.key, state.step)
+    xb, yb = _batch(problem, stepper, jax.random.fold_in(kk, 1))
+    ic = network.interaction(problem, a, w, xb, yb, n_particles=n_particles)
+    isn = network.interaction(problem, anchor.a, anchor.w, xb, yb, n_particles=n_particles)
+    k = network.decay_rate(problem, n_particles)
+    tau = problem.tau if problem.scaling == "mean_field" else problem.tau / n_particles
+    ga = ic.grad_a - isn.grad_a + anchor.grad_a + k * a
+    gw = ic.grad_w - isn.grad_w + anchor.grad_w + k * w
+    xi = step_noise(kk, n_particles, w.shape[1] + 1, w.dtype)
+    sd = jnp.sqrt(2.0 * stepper.eta * tau)
+    a_new = a - stepper.eta * ga + sd * xi[:, 0]
+    w_new = w - stepper.eta * gw + sd * xi[:, 1:]
+    if problem.output == "fixed":
+        a_new = a
+    info = StepInfo(network.risk(problem, ic.f, yb), jnp.asarray(tau, w.dtype))
     return ParticleState(a_new, w_new, state.step + 1, state.key), info
 
 

@@ -5,8 +5,8 @@ Gradient cost is counted in per-datum gradient evaluations (per particle), in ep
 full batch costs n per step, minibatch b per step, SVRG n per snapshot plus 2b per inner
 step. The SVRG drift of particle i at an inner step with batch B:
   v_i = grad_B(theta_i; rho) - grad_B(theta~_i; rho~) + grad_full(theta~_i; rho~) + lam theta_i,
-a control variate from the snapshot (theta~, rho~) and its full-batch residual u~, computed
-with :func:`mfld.network.interaction`; the noise is the usual sqrt(2 eta tau) xi.
+a control variate from the snapshot (theta~, rho~) (:class:`mfld.dynamics.SVRGLangevin`); the
+noise is the usual sqrt(2 eta tau) xi.
 The minibatch gradient noise adds variance (a floor above the full-batch stationary value);
 the control variate removes it.
 
@@ -40,29 +40,18 @@ NAME = "minibatch"
 
 @partial(jax.jit, static_argnames=("m", "b"))
 def svrg_epoch(pb, a, w, key, epoch, eta, m: int, b: int):
-    """One SVRG outer loop: snapshot, full gradient at the snapshot, ``m`` inner steps of
-    batch ``b``. Returns the new (a, w). Noise from fold_in(fold_in(key, epoch), k)."""
-    n_part = a.shape[0]
-    full = network.interaction(pb, a, w)
-    a_s, w_s = a, w
-    lam, tau = pb.lam, pb.tau
-    ek = jax.random.fold_in(key, epoch)
+    """One SVRG outer loop: the anchor at (a, w) (:func:`mfld.dynamics.svrg_anchor`), then
+    ``m`` steps of :class:`mfld.dynamics.SVRGLangevin` with batch ``b``. Returns the new (a, w).
+    Step k's batch and noise come from (fold_in(key, epoch), k)."""
+    anchor = dynamics.svrg_anchor(pb, a, w)
+    stepper = dynamics.SVRGLangevin(eta, batch_size=b)
+    state = dynamics.ParticleState(a, w, jnp.asarray(0, jnp.int32), jax.random.fold_in(key, epoch))
 
-    def body(carry, k):
-        a, w = carry
-        kk = jax.random.fold_in(ek, k)
-        idx = jax.random.choice(jax.random.fold_in(kk, 1), pb.n, (b,), replace=False)
-        xb, yb = pb.x[idx], pb.y[idx]
-        ic = network.interaction(pb, a, w, xb, yb, n_particles=n_part)
-        isn = network.interaction(pb, a_s, w_s, xb, yb, n_particles=n_part)
-        ga = ic.grad_a - isn.grad_a + full.grad_a + lam * a
-        gw = ic.grad_w - isn.grad_w + full.grad_w + lam * w
-        xi = jax.random.normal(jax.random.fold_in(kk, 0), (n_part, w.shape[1] + 1), w.dtype)
-        sd = jnp.sqrt(2.0 * eta * tau)
-        return (a - eta * ga + sd * xi[:, 0], w - eta * gw + sd * xi[:, 1:]), None
+    def body(s, _):
+        return dynamics.svrg_step(pb, s, stepper, anchor)[0], None
 
-    (a, w), _ = jax.lax.scan(body, (a, w), jnp.arange(m))
-    return a, w
+    state, _ = jax.lax.scan(body, state, None, length=m)
+    return state.a, state.w
 
 
 def _settings(quick: bool):
