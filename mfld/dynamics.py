@@ -101,10 +101,11 @@ class Langevin:
 
 
 def temperature(problem: Problem, stepper: Langevin, t):
-    """tau at time t under the stepper's schedule."""
+    """tau at time t under the stepper's schedule, in the dtype of ``t`` (a float array or
+    scalar; an integer or Python scalar ``t`` gives the default float)."""
     if stepper.tau_schedule == "log":
         return problem.tau / jnp.log(math.e + t)
-    return jnp.asarray(problem.tau, dtype=jnp.result_type(float)) + 0.0 * t
+    return jnp.asarray(problem.tau, dtype=jnp.result_type(t, float)) + 0.0 * t
 
 
 def dynamics_keys(seed: int):

@@ -71,8 +71,8 @@ def output_weight_derivative(problem: Problem, a):
 
 
 def output_scale(problem: Problem, n_particles):
-    """1/N (mean field) or 1/sqrt(N) (NTK)."""
-    n = jnp.asarray(n_particles, dtype=jnp.result_type(float))
+    """1/N (mean field) or 1/sqrt(N) (NTK), in the dtype of the data."""
+    n = jnp.asarray(n_particles, dtype=problem.x.dtype)
     return 1.0 / n if problem.scaling == "mean_field" else jax.lax.rsqrt(n)
 
 

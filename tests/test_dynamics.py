@@ -336,3 +336,29 @@ def test_svrg_with_the_whole_data_as_batch_is_the_full_batch_step():
     with pytest.raises(ConfigError, match="batch_size"):
         SVRGLangevin(0.05, batch_size=0)
 
+
+# ------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("x64,dtype", [(True, "float64"), (True, "float32"), (False, "float32")])
+def test_outputs_follow_the_data_dtype(x64, dtype):
+    """Predictions, the drift (one block, data blocks, particle blocks), the step's particles,
+    risk and temperature (both schedules) and the SVRG step have the dtype of the data --
+    float32 data under x64 included, where JAX's default float is float64."""
+    from mfld.blocking import ChunkPlan
+
+    dt = jnp.dtype(dtype)
+    with jax.enable_x64(x64):
+        rng = np.random.default_rng(0)
+        x = rng.uniform(-1, 1, (9, 2))
+        for scaling in ("mean_field", "ntk"):
+            problem = Problem.create(x, np.sin(x[:, 0]), lam=0.1, tau=0.05, scaling=scaling, dtype=dt)
+            st = init_particles(problem, 6, 0)
+            assert st.a.dtype == dt and st.w.dtype == dt
+            assert network.predict(problem, st.a, st.w).dtype == dt
+            for plan in (None, ChunkPlan(6, 4), ChunkPlan(2, 9)):
+                it = network.interaction(problem, st.a, st.w, plan=plan)
+                assert {v.dtype for v in it} == {dt}, (plan, [v.dtype for v in it])
+            for stepper in (Langevin(0.05), Langevin(0.05, tau_schedule="log"), Langevin(0.05, batch_size=4)):
+                new, info = jax.jit(step)(problem, st, stepper)
+                assert (new.a.dtype, new.w.dtype, info.risk.dtype, info.tau.dtype) == (dt,) * 4, stepper
+            new, info = svrg_step(problem, st, SVRGLangevin(0.05, batch_size=4), svrg_anchor(problem, st.a, st.w))
+            assert (new.a.dtype, new.w.dtype, info.risk.dtype, info.tau.dtype) == (dt,) * 4
