@@ -289,7 +289,8 @@ def jax_constrain(x, sharding):
 
 
 @lru_cache(maxsize=32)
-def _runner(mesh, n_particles: int, donate: bool):
+def compiled_runner(mesh, n_particles: int, donate: bool):
+    """The jitted sharded scan of steps over ``mesh`` (cached per mesh, N and donation)."""
     import jax
 
     def run(problem, state, stepper, n_steps):
@@ -311,8 +312,8 @@ def _runner(mesh, n_particles: int, donate: bool):
 def run_steps(problem, sharded: ShardedState, stepper, n_steps: int):
     """``n_steps`` sharded steps; returns ``(ShardedState, StepInfo per step)``."""
     prob = replicate(problem, sharded.mesh)
-    new, info = _runner(sharded.mesh, sharded.n_particles, False)(prob, sharded.state, stepper,
-                                                                  n_steps=int(n_steps))
+    new, info = compiled_runner(sharded.mesh, sharded.n_particles, False)(prob, sharded.state, stepper,
+                                                                          n_steps=int(n_steps))
     return ShardedState(new, sharded.n_particles, sharded.mesh), info
 
 
@@ -339,7 +340,7 @@ def simulate(problem, state, stepper, n_steps: int, *, mesh=None, n_devices: int
     cb = None if callback is None else (lambda s, row: callback(unpad(s, n), row))
 
     def advance(p, s, st, k, donate):
-        return _runner(mesh, n, bool(donate))(p, s, st, n_steps=int(k))[0]
+        return compiled_runner(mesh, n, bool(donate))(p, s, st, n_steps=int(k))[0]
 
     final, hist = loop.simulate(prob, sh.state, stepper, n_steps, recorder=rec, callback=cb,
                                 advance=advance, **kwargs)

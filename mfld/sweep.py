@@ -74,7 +74,10 @@ def grid(problem: Problem, stepper: Langevin, *, lam=None, tau=None, eta=None, s
     return [Member(lm, t, e, s) for lm, t, e, s in itertools.product(lams, taus, etas, seed_list)]
 
 
-def _stack(problem, stepper, members, n_particles, init_kwargs):
+def stack_members(problem, stepper, members, n_particles, init_kwargs):
+    """``(problem, states, stepper)`` of the members stacked along a leading axis: lam and tau
+    per member in the problem, eta in the stepper (with the memory budget shared), each
+    member's particles initialised from its seed."""
     dtype = problem.x.dtype
     lam = jnp.asarray([m.lam for m in members], dtype)
     tau = jnp.asarray([m.tau for m in members], dtype)
@@ -111,7 +114,9 @@ def _runner(problem, stepper, donate):
 _RUNNERS: dict = {}
 
 
-def _cached_runner(problem, stepper, donate):
+def compiled_runner(problem, stepper, donate):
+    """The vmapped, jitted segment runner of a stacked problem and stepper (one per static
+    structure; a second grid of the same shapes reuses it)."""
     key = (problem.activation, problem.loss, problem.output, problem.scaling, problem.bias,
            stepper.scheme, stepper.batch_size, stepper.tau_schedule, stepper.memory_budget, donate)
     if key not in _RUNNERS:
@@ -142,7 +147,7 @@ def run(problem: Problem, stepper: Langevin, members: list[Member], n_particles:
         raise ConfigError("empty sweep", field="sweep", allowed="at least one member")
     record_every = check_record_every(record_every)
     recorder = recorder or observables.record
-    pb, state0, st = _stack(problem, stepper, members, n_particles, init_kwargs or {})
+    pb, state0, st = stack_members(problem, stepper, members, n_particles, init_kwargs or {})
     given = state is not None
     if given:
         _check_resumed(state, state0)
@@ -159,7 +164,7 @@ def run(problem: Problem, stepper: Langevin, members: list[Member], n_particles:
         exposed = exposed or callback is not None
     now = start
     for end in segment_ends(start, stop, record_every, chunk or record_every):
-        state = _cached_runner(problem, st, not exposed)(pb, state, st, n_steps=end - now)
+        state = compiled_runner(problem, st, not exposed)(pb, state, st, n_steps=end - now)
         if progress is not None:
             progress.update(end - now)
         now = end

@@ -91,8 +91,8 @@ DEVICES_SCRIPT = SETUP + textwrap.dedent("""
         sh = sharding.shard_state(st, mesh)
         out["padded"] = sh.n_padded
         out["shard_rows"] = sorted({s.data.shape[0] for s in sh.state.w.addressable_shards})
-        txt = sharding._runner(mesh, 101, False).lower(sharding.replicate(pr, mesh), sh.state,
-                                                       dynamics.Langevin(0.05), n_steps=3).compile().as_text()
+        txt = sharding.compiled_runner(mesh, 101, False).lower(sharding.replicate(pr, mesh), sh.state,
+                                                               dynamics.Langevin(0.05), n_steps=3).compile().as_text()
         out["collectives"] = {op: len(re.findall(op + r"[-a-z]*\\(", txt))
                               for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute")}
     print("RESULT " + json.dumps(out))
