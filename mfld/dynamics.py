@@ -16,6 +16,9 @@ Schemes:
   Exact without signal and stable for any eta in the lambda part; its interaction bias is
   O(eta) (THEORY section 3), so it is not the default.
 
+Steppers: :class:`Langevin` (:func:`step`) and :class:`SVRGLangevin` (:func:`svrg_step`: the
+Euler step with a minibatch drift corrected by an SVRG control variate from an anchor).
+
 Randomness: noise from (key, step, row). The run's key is ``ParticleState.key``; step k uses
 ``kk = fold_in(key, k)``. Its noise xi is row i of ``normal(fold_in(kk, 0), (N, D))``
 (:func:`mfld.noise.step_noise`; column 0 drives a, columns 1.. drive w): with JAX's
