@@ -109,18 +109,18 @@ def breakdown(d: int, n: int, reps: int = 5) -> dict:
     import numpy as np
 
     from mfld import config as cfgmod
-    from mfld import duality, dynamics, entropy, gibbs
+    from mfld import duality, dynamics, entropy, gibbs, loop
     from mfld.app import inputs
 
     cfg = cfgmod.load(None, [f"data.params.d={d}", f"model.n_particles={n}"])
     pb = inputs.build_problem(cfg, inputs.make_dataset(cfg))
     st = dynamics.init_particles(pb, n, 0)
     stepper = dynamics.Langevin(cfg.dynamics.eta)
-    st, _ = dynamics.simulate(pb, st, stepper, 100, record_every=100)  # compiled, and off the start
+    st, _ = loop.simulate(pb, st, stepper, 100, record_every=100)  # compiled, and off the start
     states, t_steps = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
-        st, _ = dynamics.simulate(pb, st, stepper, 100, record_every=100)
+        st, _ = loop.simulate(pb, st, stepper, 100, record_every=100)
         np.asarray(st.w)
         t_steps.append(time.perf_counter() - t0)
         states.append((np.asarray(st.a), np.asarray(st.w)))

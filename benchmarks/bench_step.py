@@ -92,7 +92,7 @@ def make_mfld(x, y, a, w, dtype="float32", tau=TAU):
 
     if dtype == "float64" and jnp.asarray(0.0, jnp.float64).dtype != jnp.float64:
         jax.config.update("jax_enable_x64", True)  # a fresh benchmark process (the CLI's --x64)
-    from mfld import dynamics
+    from mfld import dynamics, loop
     from mfld.problem import Problem
 
     problem = Problem.create(x, y, activation="tanh", lam=LAM, tau=tau, bias=True, dtype=jnp.dtype(dtype))
@@ -103,7 +103,7 @@ def make_mfld(x, y, a, w, dtype="float32", tau=TAU):
 
     def run(k):
         # the caller's state is not donated (as in simulate), later segments are
-        holder["s"] = dynamics._advance(problem, holder["s"], stepper, k, not holder["first"])
+        holder["s"] = loop.run_segment(problem, holder["s"], stepper, k, not holder["first"])
         holder["first"] = False
         holder["s"].w.block_until_ready()
 
@@ -254,10 +254,10 @@ def child_contender(spec):
     run = maker(x, y, a, w, dtype)
     out = _timed(run, spec["target"], spec["inner"], spec["settle"])
     if name.startswith("mfld"):
-        from mfld import network, xla
+        from mfld import blocking, xla
 
-        out["plan"] = list(network.plan_chunks(spec["N"], spec["n"], 8 if dtype == "float64" else 4,
-                                               n_features=spec["d"] + 1))
+        out["plan"] = list(blocking.plan_chunks(spec["N"], spec["n"], 8 if dtype == "float64" else 4,
+                                                n_features=spec["d"] + 1))
         out["xla_options"] = xla.compiler_options()
     out["maxrss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
     return out

@@ -105,11 +105,11 @@ def main():
     peak_before_fig = max((r for t, r in samples if fig_t is None or t < fig_t), default=None)
     with open(os.path.join(out_dir, "summary.json")) as f:
         summary = json.load(f)
-    from mfld import network
+    from mfld import blocking
 
     n, d = 64, 1
     p, D, s = d + 1, d + 2, 4
-    plan = network.plan_chunks(N, n, s, n_features=p, threads=args.threads)
+    plan = blocking.plan_chunks(N, n, s, n_features=p, threads=args.threads)
     formula = (5 * N * D * s + n * p * s + 3 * plan.particles * plan.data * s) / 1e6
     base = baseline_mb()
     res = {"N": N, "n": n, "d": d, "steps": args.steps, "wall_s": wall, "figures_started_s": fig_t,

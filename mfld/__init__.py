@@ -20,10 +20,10 @@ _EXPORTS = {
     "ParticleState": "mfld.dynamics",
     "Langevin": "mfld.dynamics",
     "StepInfo": "mfld.dynamics",
-    "History": "mfld.dynamics",
+    "History": "mfld.loop",
     "init_particles": "mfld.dynamics",
     "step": "mfld.dynamics",
-    "simulate": "mfld.dynamics",
+    "simulate": "mfld.loop",
     "run_steps": "mfld.dynamics",
     "Activation": "mfld.activations",
     "from_callable": "mfld.activations",
@@ -55,9 +55,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from mfld.config import Config
     from mfld.data import Dataset, make_dataset, teacher_student
     from mfld.duality import certify
-    from mfld.dynamics import History, Langevin, ParticleState, StepInfo, init_particles, run_steps, simulate, step
+    from mfld.dynamics import Langevin, ParticleState, StepInfo, init_particles, run_steps, step
     from mfld.errors import ConfigError, TheoryNotApplicable
     from mfld.losses import Loss
+    from mfld.loop import History, simulate
     from mfld.optimum import solve_optimum
     from mfld.problem import Problem
 

@@ -6,11 +6,15 @@ term and lives in the certificate/entropy modules.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax.numpy as jnp
 
 from mfld import network
-from mfld.dynamics import ParticleState
 from mfld.problem import Problem
+
+if TYPE_CHECKING:  # for the annotation only: a record needs no dynamics code
+    from mfld.dynamics import ParticleState
 
 
 def record(problem: Problem, state: ParticleState) -> dict:

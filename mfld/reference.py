@@ -433,59 +433,73 @@ def linear_scheme_fixed_point(x_features, y, lam: float, tau: float, eta: float,
     if not eta > 0:
         raise ConfigError("step size must be positive", field="dynamics.eta", value=eta, allowed="eta > 0")
     S, b = gram(x, y)
-    D = x.shape[1] + 1
     if method == "iterate":
-        sig = np.eye(D) * (tau / lam)
-        steps = 0
-        while True:
-            new = linear_covariance_step(sig, S, b, lam, tau, eta, scheme)
-            steps += 1
-            change = float(np.max(np.abs(new - sig)))
-            sig = new
-            if not np.all(np.isfinite(sig)):
-                raise ValueError(f"the recursion diverged at step {steps} (eta = {eta} too large?)")
-            if change <= tol * eta * float(np.max(np.abs(sig))):
-                break
-            if steps >= max_steps:
-                raise RuntimeError(f"no convergence in {max_steps} steps (last change {change:.3g})")
+        sig, steps = _iterated_fixed_point(S, b, lam, tau, eta, scheme, tol, max_steps)
     elif method == "closed_form":
-        if scheme == "euler":
-            if not 0 < eta * lam < 2:
-                raise ConfigError("the plain scheme is unstable", field="dynamics.eta", value=eta,
-                                  allowed=f"0 < eta < 2/lam = {2 / lam}")
-            r_max = min(lam, 2.0 / eta - lam)
-        else:
-            r_max = math.expm1(lam * eta) / eta  # |e^{-lam eta}(1 + eta r)| < 1
-        s, U = np.linalg.eigh(S)
-        s = np.clip(s, 0.0, None)
-        bt = U.T @ b
-
-        def c_of_r(r):
-            return -U @ (bt / (1.0 + _scheme_kappa(r, lam, tau, eta, scheme) * s))
-
-        def phi(r):
-            return float(np.linalg.norm(c_of_r(r))) - r
-
-        if phi(0.0) <= 0.0:
-            r = 0.0
-        else:
-            hi = r_max * (1.0 - 1e-13)
-            if phi(hi) >= 0.0:
-                raise ValueError("no stationary law: the scalar equation has no root below the "
-                                 "stability limit (eta too large?)")
-            r = brentq(phi, 0.0, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500)
-        c = c_of_r(r)
-        kv, V = np.linalg.eigh(_interaction_matrix(c))
-        hv = np.array([_scheme_h(k, lam, tau, eta, scheme) for k in kv])
-        sig = (V * hv) @ V.T
-        sig = 0.5 * (sig + sig.T)
-        steps = 0
+        sig, steps = _closed_form_fixed_point(S, b, lam, tau, eta, scheme), 0
     else:
         raise ConfigError("unknown method", field="method", value=method, allowed="closed_form, iterate")
     resid = float(np.max(np.abs(linear_covariance_step(sig, S, b, lam, tau, eta, scheme) - sig)))
     m = sig[0, 1:].copy()
     return LinearSchemeFixedPoint(sigma=sig, m=m, c=S @ m - b, eta=eta, scheme=scheme,
                                   residual=resid, steps=steps)
+
+
+def _iterated_fixed_point(S, b, lam, tau, eta, scheme, tol, max_steps):
+    """(sigma, steps): the recursion iterated from N(0, (tau/lam) I) until a step changes sigma
+    by less than ``tol * eta * max|sigma|`` (``method='iterate'``)."""
+    sig = np.eye(S.shape[0] + 1) * (tau / lam)
+    steps = 0
+    while True:
+        new = linear_covariance_step(sig, S, b, lam, tau, eta, scheme)
+        steps += 1
+        change = float(np.max(np.abs(new - sig)))
+        sig = new
+        if not np.all(np.isfinite(sig)):
+            raise ValueError(f"the recursion diverged at step {steps} (eta = {eta} too large?)")
+        if change <= tol * eta * float(np.max(np.abs(sig))):
+            return sig, steps
+        if steps >= max_steps:
+            raise RuntimeError(f"no convergence in {max_steps} steps (last change {change:.3g})")
+
+
+def _stability_radius(lam, eta, scheme):
+    """r_max: the largest |c| below which the scheme's recursion is stable."""
+    if scheme == "euler":
+        if not 0 < eta * lam < 2:
+            raise ConfigError("the plain scheme is unstable", field="dynamics.eta", value=eta,
+                              allowed=f"0 < eta < 2/lam = {2 / lam}")
+        return min(lam, 2.0 / eta - lam)
+    return math.expm1(lam * eta) / eta  # |e^{-lam eta}(1 + eta r)| < 1
+
+
+def _closed_form_fixed_point(S, b, lam, tau, eta, scheme):
+    """sigma = h(K) with c the root of the scalar equation phi(r) = |c(r)| - r
+    (``method='closed_form'``; see :func:`linear_scheme_fixed_point`)."""
+    r_max = _stability_radius(lam, eta, scheme)
+    s, U = np.linalg.eigh(S)
+    s = np.clip(s, 0.0, None)
+    bt = U.T @ b
+
+    def c_of_r(r):
+        return -U @ (bt / (1.0 + _scheme_kappa(r, lam, tau, eta, scheme) * s))
+
+    def phi(r):
+        return float(np.linalg.norm(c_of_r(r))) - r
+
+    if phi(0.0) <= 0.0:
+        r = 0.0
+    else:
+        hi = r_max * (1.0 - 1e-13)
+        if phi(hi) >= 0.0:
+            raise ValueError("no stationary law: the scalar equation has no root below the "
+                             "stability limit (eta too large?)")
+        r = brentq(phi, 0.0, hi, xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500)
+    c = c_of_r(r)
+    kv, V = np.linalg.eigh(_interaction_matrix(c))
+    hv = np.array([_scheme_h(k, lam, tau, eta, scheme) for k in kv])
+    sig = (V * hv) @ V.T
+    return 0.5 * (sig + sig.T)
 
 
 def _check_scheme(scheme):

@@ -4,7 +4,7 @@ The particle axis is split over a 1-D mesh with axis name ``'p'``
 (``jax.sharding.Mesh(np.array(devices), ('p',))``). Each device runs the blocked analytic
 drift of :func:`mfld.network.interaction` on its own particles; the per-device partial sums
 of the network output are ``psum``-ed (the only collective of a step, n floats). The noise
-is the bulk draw of :func:`mfld.dynamics.step_noise` constrained to the same sharding:
+is the bulk draw of :func:`mfld.noise.step_noise` constrained to the same sharding:
 with the partitionable threefry each device draws its own rows and row i depends only on
 (seed, step, i), so **the same seed gives the same run for any device count**, equal up to
 the floating-point reassociation of the sum over particles (measured ~1e-6 relative in
@@ -289,7 +289,8 @@ def jax_constrain(x, sharding):
 
 
 @lru_cache(maxsize=32)
-def _runner(mesh, n_particles: int, donate: bool):
+def compiled_runner(mesh, n_particles: int, donate: bool):
+    """The jitted sharded scan of steps over ``mesh`` (cached per mesh, N and donation)."""
     import jax
 
     def run(problem, state, stepper, n_steps):
@@ -299,10 +300,10 @@ def _runner(mesh, n_particles: int, donate: bool):
         return jax.lax.scan(body, state, None, length=n_steps)
 
     def fuse_if(problem, state, stepper, n_steps=None):
-        from mfld import network
+        from mfld.blocking import dot_fusion_pays
 
-        return network.dot_fusion_pays(problem, state.w.shape[0] // mesh.size, stepper.batch_size,
-                                       stepper.memory_budget)
+        return dot_fusion_pays(problem, state.w.shape[0] // mesh.size, stepper.batch_size,
+                               stepper.memory_budget)
 
     return xla.jit(run, static_argnames=("n_steps",), donate_argnames=("state",) if donate else (),
                    fuse_if=fuse_if)
@@ -311,21 +312,21 @@ def _runner(mesh, n_particles: int, donate: bool):
 def run_steps(problem, sharded: ShardedState, stepper, n_steps: int):
     """``n_steps`` sharded steps; returns ``(ShardedState, StepInfo per step)``."""
     prob = replicate(problem, sharded.mesh)
-    new, info = _runner(sharded.mesh, sharded.n_particles, False)(prob, sharded.state, stepper,
-                                                                  n_steps=int(n_steps))
+    new, info = compiled_runner(sharded.mesh, sharded.n_particles, False)(prob, sharded.state, stepper,
+                                                                          n_steps=int(n_steps))
     return ShardedState(new, sharded.n_particles, sharded.mesh), info
 
 
 def simulate(problem, state, stepper, n_steps: int, *, mesh=None, n_devices: int | None = None,
              recorder=None, callback=None, **kwargs):
-    """:func:`mfld.dynamics.simulate` with the particles sharded over ``mesh`` (default:
+    """:func:`mfld.loop.simulate` with the particles sharded over ``mesh`` (default:
     :func:`make_mesh` of ``n_devices``). ``state`` is a full (unsharded) ParticleState, the
     same in every process. Records and callbacks see the real particles only; returns
     ``(final state of the real particles (sharded arrays), History)``.
     """
     import jax
 
-    from mfld import dynamics, observables
+    from mfld import loop, observables
 
     mesh = make_mesh(n_devices) if mesh is None else mesh
     sh = shard_state(state, mesh)
@@ -339,10 +340,10 @@ def simulate(problem, state, stepper, n_steps: int, *, mesh=None, n_devices: int
     cb = None if callback is None else (lambda s, row: callback(unpad(s, n), row))
 
     def advance(p, s, st, k, donate):
-        return _runner(mesh, n, bool(donate))(p, s, st, n_steps=int(k))[0]
+        return compiled_runner(mesh, n, bool(donate))(p, s, st, n_steps=int(k))[0]
 
-    final, hist = dynamics.simulate(prob, sh.state, stepper, n_steps, recorder=rec, callback=cb,
-                                    advance=advance, **kwargs)
+    final, hist = loop.simulate(prob, sh.state, stepper, n_steps, recorder=rec, callback=cb,
+                                advance=advance, **kwargs)
     return jax.jit(partial(unpad, n_particles=n))(final), hist
 
 

@@ -4,13 +4,13 @@ All members of a grid over (lam, tau, eta, seed) that share shapes (data, partic
 static choices) run together: ``jax.vmap`` over the Problem leaves ``lam``/``tau``, the
 stepper leaf ``eta`` and the particle state (each member has its own particles and key,
 from its seed exactly as :func:`mfld.dynamics.init_particles` makes them). The host loop
-is that of :func:`mfld.dynamics.simulate` (segments ending on absolute multiples of
+is that of :func:`mfld.loop.simulate` (segments ending on absolute multiples of
 ``record_every`` and ``chunk``), so member m's history equals what ``simulate`` gives for
 that member alone, up to floating-point reassociation inside the batched GEMMs (measured
 ~1e-15 relative in float64, ~1e-6 in float32; the tests state the tolerance).
 
 The memory budget of a drift evaluation is shared by the members (each gets
-``budget / M``; see :func:`mfld.network.plan_chunks`).
+``budget / M``; see :func:`mfld.blocking.plan_chunks`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfld import dynamics, network, xla
-from mfld.dynamics import History, Langevin, ParticleState
+from mfld import dynamics, observables, xla
+from mfld.blocking import DEFAULT_MEMORY_BUDGET, dot_fusion_pays
+from mfld.dynamics import Langevin, ParticleState
 from mfld.errors import ConfigError
+from mfld.loop import History, check_record_every, segment_ends
 from mfld.problem import Problem
 
 SWEPT = ("lam", "tau", "eta", "seed")
@@ -72,14 +74,17 @@ def grid(problem: Problem, stepper: Langevin, *, lam=None, tau=None, eta=None, s
     return [Member(lm, t, e, s) for lm, t, e, s in itertools.product(lams, taus, etas, seed_list)]
 
 
-def _stack(problem, stepper, members, n_particles, init_kwargs):
+def stack_members(problem, stepper, members, n_particles, init_kwargs):
+    """``(problem, states, stepper)`` of the members stacked along a leading axis: lam and tau
+    per member in the problem, eta in the stepper (with the memory budget shared), each
+    member's particles initialised from its seed."""
     dtype = problem.x.dtype
     lam = jnp.asarray([m.lam for m in members], dtype)
     tau = jnp.asarray([m.tau for m in members], dtype)
     eta = jnp.asarray([m.eta for m in members], dtype)
     states = [dynamics.init_particles(problem, n_particles, m.seed, **init_kwargs) for m in members]
     state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-    budget = stepper.memory_budget or network.DEFAULT_MEMORY_BUDGET
+    budget = stepper.memory_budget or DEFAULT_MEMORY_BUDGET
     st = Langevin(eta, scheme=stepper.scheme, batch_size=stepper.batch_size, tau_schedule=stepper.tau_schedule,
                   memory_budget=max(1, budget // len(members)))
     return problem.replace(lam=lam, tau=tau), state, st
@@ -100,7 +105,7 @@ def _runner(problem, stepper, donate):
         return f(pb, state, st)
 
     def fuse_if(pb, state, st, n_steps=None):  # state leaves: (members, N, ...)
-        return network.dot_fusion_pays(pb, state.w.shape[1], st.batch_size, st.memory_budget)
+        return dot_fusion_pays(pb, state.w.shape[1], st.batch_size, st.memory_budget)
 
     return xla.jit(run, static_argnames=("n_steps",), donate_argnames=("state",) if donate else (),
                    fuse_if=fuse_if)
@@ -109,7 +114,9 @@ def _runner(problem, stepper, donate):
 _RUNNERS: dict = {}
 
 
-def _cached_runner(problem, stepper, donate):
+def compiled_runner(problem, stepper, donate):
+    """The vmapped, jitted segment runner of a stacked problem and stepper (one per static
+    structure; a second grid of the same shapes reuses it)."""
     key = (problem.activation, problem.loss, problem.output, problem.scaling, problem.bias,
            stepper.scheme, stepper.batch_size, stepper.tau_schedule, stepper.memory_budget, donate)
     if key not in _RUNNERS:
@@ -124,8 +131,8 @@ def run(problem: Problem, stepper: Langevin, members: list[Member], n_particles:
     """Run every member for ``n_steps`` steps from its own initialisation, all at once.
 
     Returns ``(final_states, histories)``: a ParticleState whose leaves have a leading
-    member axis, and one :class:`mfld.dynamics.History` per member with the columns that
-    :func:`mfld.dynamics.simulate` records (step, t, the recorder's, wall_time).
+    member axis, and one :class:`mfld.loop.History` per member with the columns that
+    :func:`mfld.loop.simulate` records (step, t, the recorder's, wall_time).
 
     ``callback(states, rows)`` is called at each record with the stacked states and the
     members' rows (one dict each, in member order) before they are stored; it may add
@@ -135,28 +142,51 @@ def run(problem: Problem, stepper: Langevin, members: list[Member], n_particles:
     ``progress``: an object with ``update(n)`` (a tqdm bar) told the steps done, or None.
     ``histories``: one History per member to append the rows to (so a callback sees them).
     """
-    from mfld import observables
-
     members = list(members)
     if not members:
         raise ConfigError("empty sweep", field="sweep", allowed="at least one member")
-    record_every = int(record_every)
-    if record_every < 1:
-        raise ConfigError("must be positive", field="record.every", value=record_every)
+    record_every = check_record_every(record_every)
     recorder = recorder or observables.record
-    pb, state0, st = _stack(problem, stepper, members, n_particles, init_kwargs or {})
+    pb, state0, st = stack_members(problem, stepper, members, n_particles, init_kwargs or {})
     given = state is not None
     if given:
-        if state.w.shape != state0.w.shape or state.w.dtype != state0.w.dtype:
-            raise ConfigError(f"stored sweep states have shape {state.w.shape} ({state.w.dtype}) but the sweep "
-                              f"gives {state0.w.shape} ({state0.w.dtype})", field="--resume")
+        _check_resumed(state, state0)
         state0 = state
     state = state0
-    p_axes, s_axes = _axes(problem, st)
-    rec = xla.jit(jax.vmap(recorder, in_axes=(p_axes, 0)))
     hists = [History() for _ in members] if histories is None else list(histories)
     if len(hists) != len(members):
         raise ConfigError("one history per member", field="histories", value=len(hists), allowed=len(members))
+    take = _record_taker(pb, _axes(problem, st), recorder, members, hists, callback)
+    start, stop = int(np.asarray(state.step)[0]), int(n_steps)
+    exposed = given  # a caller's state is not ours to donate
+    if record_initial and start == 0:
+        take(state)
+        exposed = exposed or callback is not None
+    now = start
+    for end in segment_ends(start, stop, record_every, chunk or record_every):
+        state = compiled_runner(problem, st, not exposed)(pb, state, st, n_steps=end - now)
+        if progress is not None:
+            progress.update(end - now)
+        now = end
+        exposed = False  # the segment's output is ours
+        if end % record_every == 0 or end == stop:
+            take(state)
+            exposed = callback is not None  # the callback may keep the states it saw
+    return state, hists
+
+
+def _check_resumed(state: ParticleState, fresh: ParticleState):
+    if state.w.shape != fresh.w.shape or state.w.dtype != fresh.w.dtype:
+        raise ConfigError(f"stored sweep states have shape {state.w.shape} ({state.w.dtype}) but the sweep "
+                          f"gives {fresh.w.shape} ({fresh.w.dtype})", field="--resume")
+
+
+def _record_taker(pb: Problem, axes, recorder: Callable, members: list[Member], hists: list[History],
+                  callback: Callable | None) -> Callable:
+    """``take(states)``: the members' record rows (step, t, the recorder's values, wall_time),
+    shown to ``callback``, then appended to ``hists``."""
+    p_axes, _ = axes
+    rec = xla.jit(jax.vmap(recorder, in_axes=(p_axes, 0)))
     etas = [float(m.eta) for m in members]
     t0 = time.perf_counter()
 
@@ -175,22 +205,7 @@ def run(problem: Problem, stepper: Langevin, members: list[Member], n_particles:
         for h, row in zip(hists, rows, strict=True):
             h.append(row)
 
-    start, stop = int(np.asarray(state.step)[0]), int(n_steps)
-    exposed = given  # a caller's state is not ours to donate
-    if record_initial and start == 0:
-        take(state)
-        exposed = exposed or callback is not None
-    now = start
-    for end in dynamics.segment_ends(start, stop, record_every, chunk or record_every):
-        state = _cached_runner(problem, st, not exposed)(pb, state, st, n_steps=end - now)
-        if progress is not None:
-            progress.update(end - now)
-        now = end
-        exposed = False  # the segment's output is ours
-        if end % record_every == 0 or end == stop:
-            take(state)
-            exposed = callback is not None  # the callback may keep the states it saw
-    return state, hists
+    return take
 
 
 def member_state(states: ParticleState, i: int) -> ParticleState:

@@ -5,17 +5,15 @@ and the elementwise work around it (the activation after the forward GEMM, ``sig
 before the backward GEMM, the accumulation after it) runs as separate XLA loops, each a
 full pass over a (particles x data-block) array in memory. With
 ``xla_cpu_experimental_ynn_fusion_type = LIBRARY_FUSION_TYPE_DOT`` YNNPACK fuses those
-elementwise producers and consumers into the dot and works tile by tile in cache. On a
-2-core Intel AVX-512 machine (session 2, all contenders in one process) the step at
-(n, d, N) = (4096, 100, 16384) ran 1.28x faster (174 against 223 ms), at (1024, 50, 4096)
-1.11x, at (256, 10, 1024) 1.0-1.15x. ``benchmarks/bench_step.py`` measures it in every run
-(column ``x unfused``, fresh processes; benchmarks/README.md for the current machine).
-``LIBRARY_FUSION_TYPE_ELTWISE`` (all elementwise ops to YNNPACK) was not used: it splits the
-noise draw's ``erf_inv`` into many passes (4x slower) and changes its bits.
+elementwise producers and consumers into the dot and works tile by tile in cache, which
+made the step faster at every benchmark size (docs/performance.md has the measurements;
+``benchmarks/bench_step.py`` measures it in every run, column ``x unfused``).
+``LIBRARY_FUSION_TYPE_ELTWISE`` (all elementwise ops to YNNPACK) is not used: it splits the
+noise draw's ``erf_inv`` into many passes and changes its bits.
 
-Effect on results: float32 ``tanh`` inside a fused dot is YNNPACK's (measured max error
-2.5 ulp against XLA's 4.4 ulp); float64 programs are unchanged (YNNPACK does not take them).
-A program compiles the same way every time, so runs stay bit-identical on one machine.
+Effect on results: float32 ``tanh`` inside a fused dot is YNNPACK's (a different rounding,
+within a few ulp; docs/performance.md); float64 programs are unchanged (YNNPACK does not take
+them). A program compiles the same way every time, so runs stay bit-identical on one machine.
 
 The options are decided at the first compilation, once the backend is known: only on CPU,
 only if this jaxlib accepts the option (checked by compiling a tiny program), and not when
@@ -23,9 +21,9 @@ the environment variable ``MFLD_XLA_DOT_FUSION=0`` is set. ``env.json`` of a run
 :func:`compiler_options`.
 
 Where the drift is evaluated in particle blocks (thin features, huge N; see
-:func:`mfld.network.plan_chunks`) the fusion made the step slower (0.7-0.85x, each block's
-small GEMMs and the recomputed activations gain nothing from it), so the step programs are
-compiled without it there (:func:`mfld.network.dot_fusion_pays`).
+:func:`mfld.blocking.plan_chunks`) the fusion made the step slower (each block's small GEMMs
+and the recomputed activations gain nothing from it), so the step programs are compiled
+without it there (:func:`mfld.blocking.dot_fusion_pays`).
 """
 
 from __future__ import annotations
@@ -91,7 +89,7 @@ def jit(fun=None, *, fuse_if=None, **kwargs):
     """``jax.jit`` with mfld's compiler options (see the module docstring). Usable as
     ``jit(f, static_argnames=...)`` or as a decorator. ``fuse_if(*args, **kwargs) -> bool``:
     compile without the options for calls where it is false (the drift's particle blocks,
-    :func:`mfld.network.dot_fusion_pays`)."""
+    :func:`mfld.blocking.dot_fusion_pays`)."""
     if fun is None:
         return functools.partial(jit, fuse_if=fuse_if, **kwargs)
     return _LazyJit(fun, fuse_if, kwargs)

@@ -57,7 +57,7 @@ def test_run_directory_files(tiny_run, capsys):
     assert env["jax"] == jax.__version__ and env["mfld"] == mfld.__version__
     assert env["x64"] is False and env["precision"] == "float32" and env["seed"] == cfg.seed
     assert re.fullmatch(r"[0-9a-f]{64}", env["data_sha256"])
-    from mfld.network import cpu_threads
+    from mfld.blocking import cpu_threads
 
     assert env["cpu_threads"] == cpu_threads() >= 1  # block sizes (and so rounding) follow it
     from mfld.xla import compiler_options

@@ -149,9 +149,9 @@ def test_reversed_write_order_is_caught(reference, tmp_path, monkeypatch):
     monkeypatch.setattr(run_figures, "make_figures", _stub_figures)
 
     def reversed_checkpoint(self, s, row):
-        from mfld import dynamics
+        from mfld import loop
 
-        rows = dynamics.History({k: list(v) for k, v in self.hist.columns.items()})
+        rows = loop.History({k: list(v) for k, v in self.hist.columns.items()})
         rows.append(row)
         runner._checkpoint(self.out_dir, s)  # the wrong order
         rundir.write_metrics(self.out_dir / rundir.METRICS, merge_metrics(self.prior, rows.columns))

@@ -23,7 +23,9 @@ import pytest
 
 from mfld import network
 from mfld import reference as ref
-from mfld.dynamics import Langevin, init_particles, run_steps, simulate, step
+from mfld.dynamics import Langevin, SVRGLangevin, init_particles, run_steps, step, svrg_anchor, svrg_step
+from mfld.errors import ConfigError
+from mfld.loop import simulate
 from mfld.problem import Problem
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -293,3 +295,70 @@ def test_fixed_output_layer_keeps_a():
     end, _ = simulate(problem, st, Langevin(0.1), 50, record_every=25)
     np.testing.assert_array_equal(end.a, st.a)
     assert np.abs(np.asarray(end.w) - np.asarray(st.w)).max() > 0.1
+
+
+# ------------------------------------------------------------------------- SVRG
+def _svrg_problem(scaling="mean_field", output="trained"):
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1.5, 1.5, (12, 2))
+    return Problem.create(x, np.sin(2 * x[:, 0]) + 0.3 * x[:, 1], lam=0.1, tau=0.05, bias=True,
+                          scaling=scaling, output=output, dtype=jnp.float64)
+
+
+@pytest.mark.parametrize("scaling,output", [("mean_field", "trained"), ("ntk", "trained"),
+                                            ("mean_field", "fixed")])
+def test_svrg_anchored_at_the_state_is_the_full_batch_step(scaling, output):
+    """With the anchor at the current particles the control variate cancels the 3-point batch
+    exactly (grad_B(theta) - grad_B(theta~) = 0), so the SVRG step is Langevin's full-batch
+    step: the same drift (the anchor's full gradient), decay and noise (row i from (key, step, i))."""
+    problem = _svrg_problem(scaling, output)
+    st = init_particles(problem, 40, 1)._replace(step=jnp.asarray(7, jnp.int32))
+    anchor = svrg_anchor(problem, st.a, st.w)
+    new, info = jax.jit(svrg_step)(problem, st, SVRGLangevin(0.05, batch_size=3), anchor)
+    full, _ = jax.jit(step)(problem, st, Langevin(0.05))
+    assert int(new.step) == 8 and float(info.tau) == pytest.approx(0.05 if scaling == "mean_field" else 0.05 / 40)
+    assert np.abs(np.asarray(new.w) - np.asarray(st.w)).max() > 1e-3  # it moved
+    np.testing.assert_allclose(new.w, full.w, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(new.a, full.a, rtol=0, atol=1e-14)
+
+
+def test_svrg_with_the_whole_data_as_batch_is_the_full_batch_step():
+    """batch_size = n: grad_B is the full gradient at the current particles, so the anchor's
+    terms cancel whatever the anchor (here the particles of another seed), up to rounding."""
+    problem = _svrg_problem()
+    st = init_particles(problem, 40, 1)._replace(step=jnp.asarray(3, jnp.int32))
+    other = init_particles(problem, 40, 2)
+    anchor = svrg_anchor(problem, other.a, 2.0 * other.w)
+    new, _ = jax.jit(svrg_step)(problem, st, SVRGLangevin(0.05, batch_size=12), anchor)
+    full, _ = jax.jit(step)(problem, st, Langevin(0.05))
+    np.testing.assert_allclose(new.w, full.w, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(new.a, full.a, rtol=0, atol=1e-13)
+    with pytest.raises(ConfigError, match="batch_size"):
+        SVRGLangevin(0.05, batch_size=0)
+
+
+# ------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("x64,dtype", [(True, "float64"), (True, "float32"), (False, "float32")])
+def test_outputs_follow_the_data_dtype(x64, dtype):
+    """Predictions, the drift (one block, data blocks, particle blocks), the step's particles,
+    risk and temperature (both schedules) and the SVRG step have the dtype of the data --
+    float32 data under x64 included, where JAX's default float is float64."""
+    from mfld.blocking import ChunkPlan
+
+    dt = jnp.dtype(dtype)
+    with jax.enable_x64(x64):
+        rng = np.random.default_rng(0)
+        x = rng.uniform(-1, 1, (9, 2))
+        for scaling in ("mean_field", "ntk"):
+            problem = Problem.create(x, np.sin(x[:, 0]), lam=0.1, tau=0.05, scaling=scaling, dtype=dt)
+            st = init_particles(problem, 6, 0)
+            assert st.a.dtype == dt and st.w.dtype == dt
+            assert network.predict(problem, st.a, st.w).dtype == dt
+            for plan in (None, ChunkPlan(6, 4), ChunkPlan(2, 9)):
+                it = network.interaction(problem, st.a, st.w, plan=plan)
+                assert {v.dtype for v in it} == {dt}, (plan, [v.dtype for v in it])
+            for stepper in (Langevin(0.05), Langevin(0.05, tau_schedule="log"), Langevin(0.05, batch_size=4)):
+                new, info = jax.jit(step)(problem, st, stepper)
+                assert (new.a.dtype, new.w.dtype, info.risk.dtype, info.tau.dtype) == (dt,) * 4, stepper
+            new, info = svrg_step(problem, st, SVRGLangevin(0.05, batch_size=4), svrg_anchor(problem, st.a, st.w))
+            assert (new.a.dtype, new.w.dtype, info.risk.dtype, info.tau.dtype) == (dt,) * 4

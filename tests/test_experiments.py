@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mfld import dynamics, network, reference
+from mfld import dynamics, loop, network, reference
 from mfld.errors import ConfigError
 from mfld.experiments import EXPERIMENTS, run_experiment
 from mfld.experiments.mf_vs_ntk import empirical_kernel, kernel_flow_predictor, ntk_kernel, symmetric_init
@@ -198,7 +198,7 @@ def test_particle_error_is_order_one_over_n():
             gaps = []
             for seed in range(16):
                 st = dynamics.init_particles(pb, n_part, seed)
-                _, h = dynamics.simulate(pb, st, dynamics.Langevin(eta), burn + avg, record_every=4,
+                _, h = loop.simulate(pb, st, dynamics.Langevin(eta), burn + avg, record_every=4,
                                          recorder=dual, record_initial=False)
                 gaps.append(f_star - np.mean(np.asarray(h["D"])[np.asarray(h["step"]) > burn]))
             means.append(np.mean(gaps))
@@ -469,7 +469,7 @@ def test_append_rows_and_certificate_rows():
         pb = Problem.create(x, np.tanh(x[:, 0]), lam=0.5, tau=0.1, bias=False)
         st = dynamics.init_particles(pb, 100, 0)
         tab = {"t": [], "risk": [], "dual_lower": [], "Fstar_minus_D": []}
-        _, h = dynamics.simulate(pb, st, dynamics.Langevin(0.05), 20, record_every=10,
+        _, h = loop.simulate(pb, st, dynamics.Langevin(0.05), 20, record_every=10,
                                  callback=C.certify_callback(tab, pb, F_star=1.0, keep=lambda r: r["step"] > 0))
         assert tab["t"] == pytest.approx([0.5, 1.0]) and tab["risk"] == pytest.approx(list(h["risk"][1:]))
         final = dynamics.run_steps(pb, st, dynamics.Langevin(0.05), 20)[0]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mfld import dynamics, network
+from mfld import dynamics, loop, network
 from mfld import grid as G
 from mfld import theory as T
 from mfld.errors import ConfigError, TheoryNotApplicable
@@ -153,7 +153,7 @@ def test_particles_approach_the_pde_as_n_grows():
         with jax.enable_x64(True):
             for seed in range(4):
                 st = dynamics.init_particles(pb, n_part, seed, a_scale=0.7, w_scale=0.7)
-                st, _ = dynamics.simulate(pb, st, dynamics.Langevin(eta), int(round(t_end / eta)),
+                st, _ = loop.simulate(pb, st, dynamics.Langevin(eta), int(round(t_end / eta)),
                                           record_every=int(round(t_end / eta)))
                 a, w = np.asarray(st.a), np.asarray(st.w)[:, 0]
                 samples["m2_a"].append(a**2)

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mfld import activations, dynamics, network
-from mfld.dynamics import Langevin, ParticleState, init_particles, run_steps, simulate, step
+from mfld import activations, blocking, network, noise
+from mfld.dynamics import Langevin, ParticleState, init_particles, run_steps, step
+from mfld.loop import simulate
 from mfld.problem import Problem
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -40,7 +41,7 @@ def _particles(problem, n_part=53, seed=1):
 # Plans: several particle chunks (53 = 4 * 14 - 3: padded), several data chunks (37 = 3 * 13 - 2);
 # c53-b13 is the two-GEMM data-blocked path (all particles, data blocks), the others with c < 53
 # the recomputing particle-blocked path.
-PLANS = [network.ChunkPlan(14, 37), network.ChunkPlan(53, 13), network.ChunkPlan(14, 13), network.ChunkPlan(1, 1)]
+PLANS = [blocking.ChunkPlan(14, 37), blocking.ChunkPlan(53, 13), blocking.ChunkPlan(14, 13), blocking.ChunkPlan(1, 1)]
 
 
 @pytest.mark.parametrize("output,scaling,loss", [("trained", "mean_field", "squared"),
@@ -51,7 +52,7 @@ def test_blocked_drift_equals_single_block(output, scaling, loss, plan):
     problem = _problem(output, scaling, loss)
     a, w = _particles(problem)
     ref = network.interaction(problem, a, w)  # N n = 1961 pairs: one block
-    assert network.plan_chunks(53, 37, 8) == network.ChunkPlan(53, 37)
+    assert blocking.plan_chunks(53, 37, 8) == blocking.ChunkPlan(53, 37)
     it = jax.jit(lambda a, w: network.interaction(problem, a, w, plan=plan))(a, w)
     for name in ref._fields:
         np.testing.assert_allclose(getattr(it, name), getattr(ref, name), rtol=1e-11, atol=1e-13,
@@ -68,13 +69,13 @@ def test_analytic_and_autodiff_paths_agree(output, scaling):
     problem = _problem(output, scaling)
     a, w = _particles(problem)
     ga, gw, _ = network.potential_gradient(problem, a, w)
-    ga_b, gw_b, _ = network.potential_gradient(problem, a, w, plan=network.ChunkPlan(10, 11))
-    ga_d, gw_d, _ = network.potential_gradient(problem, a, w, plan=network.ChunkPlan(53, 11))
+    ga_b, gw_b, _ = network.potential_gradient(problem, a, w, plan=blocking.ChunkPlan(10, 11))
+    ga_d, gw_d, _ = network.potential_gradient(problem, a, w, plan=blocking.ChunkPlan(53, 11))
     ga_ad, gw_ad = network.autodiff_drift(problem, a, w)
     user = problem.replace(activation=activations.from_callable(lambda z: jnp.tanh(z), name="mytanh"))
     assert not user.activation.analytic
-    ga_u, gw_u, _ = network.potential_gradient(user, a, w, plan=network.ChunkPlan(10, 11))
-    ga_ud, gw_ud, _ = network.potential_gradient(user, a, w, plan=network.ChunkPlan(53, 11))
+    ga_u, gw_u, _ = network.potential_gradient(user, a, w, plan=blocking.ChunkPlan(10, 11))
+    ga_ud, gw_ud, _ = network.potential_gradient(user, a, w, plan=blocking.ChunkPlan(53, 11))
     for g_a, g_w in [(ga_b, gw_b), (ga_d, gw_d), (ga_ad, gw_ad), (ga_u, gw_u), (ga_ud, gw_ud)]:
         np.testing.assert_allclose(g_a, ga, rtol=1e-11, atol=1e-13)
         np.testing.assert_allclose(g_w, gw, rtol=1e-11, atol=1e-13)
@@ -94,15 +95,15 @@ def test_user_activation_step_equals_builtin_step():
 def test_plan_respects_budget_and_covers_the_problem():
     for n_part, n_data, budget in [(10 ** 6, 10 ** 4, 1 << 30), (1000, 10 ** 7, 1 << 20), (97, 5, 64),
                                    (100000, 512, 1 << 30), (16384, 4096, 1 << 30)]:
-        plan = network.plan_chunks(n_part, n_data, 4, memory_budget=budget)
+        plan = blocking.plan_chunks(n_part, n_data, 4, memory_budget=budget)
         nc, nb = plan.n_blocks(n_part, n_data)
         assert nc * plan.particles >= n_part and nb * plan.data >= n_data
         assert nc * plan.particles - n_part < nc and nb * plan.data - n_data < nb  # balanced padding
         if plan.particles > 1 and plan.data > 1:
             assert 3 * plan.particles * plan.data * 4 <= max(budget, 3 * 8 * 4)
     # a huge data set forces data blocks; a small problem is one block
-    assert network.plan_chunks(1000, 10 ** 7, 4, memory_budget=1 << 20).data < 10 ** 7
-    assert network.plan_chunks(1024, 256, 4) == network.ChunkPlan(1024, 256)
+    assert blocking.plan_chunks(1000, 10 ** 7, 4, memory_budget=1 << 20).data < 10 ** 7
+    assert blocking.plan_chunks(1024, 256, 4) == blocking.ChunkPlan(1024, 256)
 
 
 def test_plan_chooses_two_gemm_data_blocks_only_where_they_pay():
@@ -110,26 +111,26 @@ def test_plan_chooses_two_gemm_data_blocks_only_where_they_pay():
     accumulator get data blocks of all particles (two GEMMs) of 128 T rows; thin features, or
     an accumulator too large to stay in cache, get cache-sized particle blocks (three GEMMs);
     blocks grow with the thread count (T^2 pairs, T data rows)."""
-    P = network.ChunkPlan
+    P = blocking.ChunkPlan
     for t in (1, 2):
-        assert network.plan_chunks(16384, 4096, 4, n_features=101, threads=t) == P(16384, 128 * t)
+        assert blocking.plan_chunks(16384, 4096, 4, n_features=101, threads=t) == P(16384, 128 * t)
         # thin features: particle blocks of ~BLOCK_TARGET T^2 pairs with all data rows
-        c, b = network.plan_chunks(100000, 512, 4, n_features=3, threads=t)
-        assert b == 512 and c * b <= network.BLOCK_TARGET * t * t + b and c < 100000
-        assert c * b > network.BLOCK_TARGET * t * t // 2
-        assert network.plan_chunks(4096, 1024, 4, n_features=7, threads=t).particles < 4096
-        assert network.plan_chunks(4096, 1024, 4, n_features=8, threads=t) == P(4096, 128 * t)
-    assert network.plan_chunks(4096, 1024, 4, n_features=26, threads=1) == P(4096, 128)
-    assert network.plan_chunks(8192, 4096, 4, n_features=51, threads=8) == P(8192, network.DATA_BLOCK_MAX)
+        c, b = blocking.plan_chunks(100000, 512, 4, n_features=3, threads=t)
+        assert b == 512 and c * b <= blocking.BLOCK_TARGET * t * t + b and c < 100000
+        assert c * b > blocking.BLOCK_TARGET * t * t // 2
+        assert blocking.plan_chunks(4096, 1024, 4, n_features=7, threads=t).particles < 4096
+        assert blocking.plan_chunks(4096, 1024, 4, n_features=8, threads=t) == P(4096, 128 * t)
+    assert blocking.plan_chunks(4096, 1024, 4, n_features=26, threads=1) == P(4096, 128)
+    assert blocking.plan_chunks(8192, 4096, 4, n_features=51, threads=8) == P(8192, blocking.DATA_BLOCK_MAX)
     # N = 1e6, p = 101: a 400 MB accumulator would be streamed once per data block
-    c, b = network.plan_chunks(10 ** 6, 10 ** 4, 4, n_features=101)
-    assert c < 10 ** 6 and 3 * c * b * 4 <= network.DEFAULT_MEMORY_BUDGET
+    c, b = blocking.plan_chunks(10 ** 6, 10 ** 4, 4, n_features=101)
+    assert c < 10 ** 6 and 3 * c * b * 4 <= blocking.DEFAULT_MEMORY_BUDGET
     # a budget too small for N x 64 temporaries falls back to particle blocks
-    assert network.plan_chunks(16384, 4096, 4, n_features=101, memory_budget=3 * 4 * 16384 * 32,
+    assert blocking.plan_chunks(16384, 4096, 4, n_features=101, memory_budget=3 * 4 * 16384 * 32,
                                threads=1).particles < 16384
     # many cores: the block target is capped
-    assert network.plan_chunks(10 ** 6, 10 ** 4, 4, n_features=3, threads=64).particles * 10 ** 4 <= (
-        network.BLOCK_TARGET_MAX + 10 ** 4)
+    assert blocking.plan_chunks(10 ** 6, 10 ** 4, 4, n_features=3, threads=64).particles * 10 ** 4 <= (
+        blocking.BLOCK_TARGET_MAX + 10 ** 4)
 
 
 def test_step_compiles_once_for_new_hyperparameters():
@@ -205,7 +206,7 @@ def test_one_big_step_fits_the_memory_budget_by_compilation():
                            jax.random.key(0))
         stats = jax.jit(step).lower(problem, st, Langevin(0.1)).compile().memory_analysis()
     total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-    plan = network.plan_chunks(N, n, 4, n_features=d + 1)
+    plan = blocking.plan_chunks(N, n, 4, n_features=d + 1)
     formula = 5 * N * (d + 2) * 4 + n * (d + 1) * 4 + 3 * plan.particles * plan.data * 4
     assert total < 8e9
     assert abs(total - formula) < 0.1 * formula, (total, formula)
@@ -240,18 +241,18 @@ def test_one_big_step_peak_rss_below_8gb():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_dynamics_module_keeps_noise_convention(dtype):
+def test_noise_module_keeps_noise_convention(dtype):
     """step_noise is row i of normal(fold_in(fold_in(key, k), 0), (N, D)) bit for bit (the
-    unrolled threefry of dynamics.threefry_normal equals jax.random's, jitted or not, in both
+    unrolled threefry of noise.threefry_normal equals jax.random's, jitted or not, in both
     precisions), and row i does not depend on the number of rows (so padding and sharding
     leave it unchanged)."""
     dt = jnp.dtype(dtype)
     with jax.enable_x64(dtype == "float64"):
         key = jax.random.key(3)
         kk = jax.random.fold_in(key, 7)
-        xi = dynamics.step_noise(kk, 10, 4, dt)
+        xi = noise.step_noise(kk, 10, 4, dt)
         np.testing.assert_array_equal(xi, jax.random.normal(jax.random.fold_in(kk, 0), (10, 4), dt))
-        np.testing.assert_array_equal(dynamics.step_noise(kk, 23, 4, dt)[:10], xi)
-        big = jax.jit(dynamics.step_noise, static_argnums=(1, 2, 3))(kk, 1001, 37, dt)
+        np.testing.assert_array_equal(noise.step_noise(kk, 23, 4, dt)[:10], xi)
+        big = jax.jit(noise.step_noise, static_argnums=(1, 2, 3))(kk, 1001, 37, dt)
         np.testing.assert_array_equal(big, jax.random.normal(jax.random.fold_in(kk, 0), (1001, 37), dt))
         assert big.dtype == dt and abs(float(jnp.mean(big))) < 5 / np.sqrt(big.size)  # N(0, 1): 5 SE

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from mfld import duality, dynamics, gibbs, reference
+from mfld import duality, dynamics, gibbs, loop, reference
 from mfld.data import teacher_student
 from mfld.optimum import Optimum, solve_optimum
 from mfld.problem import Problem
@@ -314,7 +314,7 @@ def test_weak_duality_and_gap_decay_along_a_run():
     def cb(s, row):
         rows.append(duality.certify(pr, s.a, s.w, optimum=opt))
 
-    dynamics.simulate(pr, st, dynamics.Langevin(eta=0.05), 600, record_every=50, callback=cb)
+    loop.simulate(pr, st, dynamics.Langevin(eta=0.05), 600, record_every=50, callback=cb)
     lo = np.array([r["dual_lower"] for r in rows])
     up = np.array([r["primal_upper"] for r in rows])
     gap = np.array([r["gap"] for r in rows])

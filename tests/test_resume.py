@@ -298,12 +298,12 @@ def test_precision_notes_flag_float32_resolution():
 def test_an_unexpected_error_leaves_a_consistent_directory(tmp_path, monkeypatch):
     """A crash inside the loop (here: injected) writes summary status `failed` with the reason,
     releases the lock, keeps the files written so far, and re-raises (a bug shows its traceback)."""
-    from mfld import dynamics
+    from mfld import loop
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(dynamics, "simulate", broken)
+    monkeypatch.setattr(loop, "simulate", broken)
     run_dir = tmp_path / "r"
     with pytest.raises(RuntimeError, match="injected failure"):
         mfld.run({"model": {"n_particles": 8}, "dynamics": {"steps": 20},

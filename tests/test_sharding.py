@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from mfld import sharding
-from mfld.dynamics import Langevin, init_particles, simulate
+from mfld.dynamics import Langevin, init_particles
 from mfld.errors import ConfigError
+from mfld.loop import simulate
 from mfld.problem import Problem
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,13 +47,13 @@ DEVICES_SCRIPT = SETUP + textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import re
     import jax, jax.numpy as jnp
-    from mfld import dynamics, sharding
+    from mfld import dynamics, loop, sharding
     out = {"n_devices": len(jax.devices())}
     for prec in ("f32", "f64"):
         with jax.enable_x64(prec == "f64"):
             pr, st = problem_and_state(jnp, jnp.float64 if prec == "f64" else jnp.float32)
             stepper = dynamics.Langevin(0.05, scheme="ou" if prec == "f32" else "euler", batch_size=None)
-            ref, h0 = dynamics.simulate(pr, st, stepper, 20, record_every=4)
+            ref, h0 = loop.simulate(pr, st, stepper, 20, record_every=4)
             for k in (1, 2, 4):
                 fin, h = sharding.simulate(pr, st, stepper, 20, n_devices=k, record_every=4, chunk=2)
                 a, w = sharding.gather(fin)
@@ -66,19 +67,19 @@ DEVICES_SCRIPT = SETUP + textwrap.dedent("""
     # of the drift (particle blocks; data blocks of all local particles, 128 T rows for T threads):
     # the budget fits data blocks of the 26 local particles of 4 devices, not of 51 or 101
     with jax.enable_x64(True):
-        from mfld import network
+        from mfld import blocking
         from mfld.problem import Problem
         rng = np.random.default_rng(1)
         x = rng.standard_normal((300, 40))
         pr = Problem.create(x, np.tanh(x[:, 0]), lam=0.1, tau=0.02, dtype=jnp.float64)
         st = dynamics.init_particles(pr, 101, 0)
-        rows = min(network.DATA_BLOCK * network.cpu_threads(), network.DATA_BLOCK_MAX)
+        rows = min(blocking.DATA_BLOCK * blocking.cpu_threads(), blocking.DATA_BLOCK_MAX)
         budget = 26 * rows * 3 * 8
         stepper = dynamics.Langevin(0.05, memory_budget=budget)
-        ref, _ = dynamics.simulate(pr, st, stepper, 6, record_every=3)
+        ref, _ = loop.simulate(pr, st, stepper, 6, record_every=3)
         for k in (1, 2, 4):
             local = sharding.padded_count(101, k) // k
-            plan = network.plan_chunks(local, 300, 8, n_features=41, memory_budget=budget)
+            plan = blocking.plan_chunks(local, 300, 8, n_features=41, memory_budget=budget)
             kind = ("one" if plan == (local, 300) else "data" if plan.particles >= local else "particle")
             fin, _ = sharding.simulate(pr, st, stepper, 6, n_devices=k, record_every=3)
             a, w = sharding.gather(fin)
@@ -90,8 +91,8 @@ DEVICES_SCRIPT = SETUP + textwrap.dedent("""
         sh = sharding.shard_state(st, mesh)
         out["padded"] = sh.n_padded
         out["shard_rows"] = sorted({s.data.shape[0] for s in sh.state.w.addressable_shards})
-        txt = sharding._runner(mesh, 101, False).lower(sharding.replicate(pr, mesh), sh.state,
-                                                       dynamics.Langevin(0.05), n_steps=3).compile().as_text()
+        txt = sharding.compiled_runner(mesh, 101, False).lower(sharding.replicate(pr, mesh), sh.state,
+                                                               dynamics.Langevin(0.05), n_steps=3).compile().as_text()
         out["collectives"] = {op: len(re.findall(op + r"[-a-z]*\\(", txt))
                               for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute")}
     print("RESULT " + json.dumps(out))

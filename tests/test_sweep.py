@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from mfld import dynamics, sweep
-from mfld.dynamics import Langevin, init_particles, simulate
+from mfld.dynamics import Langevin, init_particles
 from mfld.errors import ConfigError
+from mfld.loop import simulate
 from mfld.problem import Problem
 
 
@@ -62,7 +63,7 @@ def test_sweep_compiles_once_per_shape():
         m1 = sweep.grid(problem, stepper, tau=[0.01, 0.02], seeds=2)
         m2 = sweep.grid(problem, stepper, tau=[0.3, 0.4], lam=[2.0], eta=[0.01], seeds=[7, 9])
         sweep.run(problem, stepper, m1, 20, 4, record_every=4)
-        runner = sweep._cached_runner(problem, sweep._stack(problem, stepper, m1, 20, {})[2], True)
+        runner = sweep.compiled_runner(problem, sweep.stack_members(problem, stepper, m1, 20, {})[2], True)
         n_compiled = runner._cache_size()
         sweep.run(problem, stepper, m2, 20, 4, record_every=4)
         assert runner._cache_size() == n_compiled

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from mfld import dynamics, network
+from mfld import dynamics, loop, network
 from mfld import grid as G
 from mfld import theory as T
 from mfld.errors import ConfigError, TheoryNotApplicable
@@ -225,7 +225,7 @@ def test_particle_function_gap_stays_below_the_envelope():
             f = network.predict(p, s.a, s.w)
             return {"bregman": 0.5 * jax.numpy.mean((f - f_star) ** 2), "risk": network.risk(p, f)}
 
-        _, hist = dynamics.simulate(pb, st, dynamics.Langevin(eta), n_steps, record_every=every, recorder=rec)
+        _, hist = loop.simulate(pb, st, dynamics.Langevin(eta), n_steps, record_every=every, recorder=rec)
     env, _ = T.envelope_along(pb, hist["t"], hist["risk"], gap0)
     assert np.all(hist["bregman"] <= env + 4e-4)
     assert hist["bregman"][-1] < 1e-3  # and it does reach f*

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mfld import dynamics, network, xla
+from mfld import blocking, dynamics, loop, network, noise, xla
 from mfld.problem import Problem
 
 
@@ -57,7 +57,7 @@ def _drift(problem, a, w):
 def test_compiled_step_fuses_the_activation_into_the_dot():
     problem, a, w = _case(jnp.float32)
     state = dynamics.ParticleState(a, w, jnp.asarray(0, jnp.int32), dynamics.dynamics_keys(0)[1])
-    fused = dynamics._run_steps_jit.lower(problem, state, dynamics.Langevin(0.01), n_steps=2).compile().as_text()
+    fused = loop.run_steps_jit.lower(problem, state, dynamics.Langevin(0.01), n_steps=2).compile().as_text()
     plain = jax.jit(dynamics.run_steps, static_argnames=("n_steps",)).lower(
         problem, state, dynamics.Langevin(0.01), n_steps=2).compile().as_text()
 
@@ -89,7 +89,7 @@ def test_fused_float32_drift_is_float32_accurate():
 def test_noise_inside_mfld_programs_is_jax_random_normal_bit_for_bit():
     key = jax.random.fold_in(jax.random.key(5), 11)
     for n, dim in ((1001, 37), (16384, 102)):
-        xi = xla.jit(dynamics.step_noise, static_argnums=(1, 2, 3))(key, n, dim, jnp.float32)
+        xi = xla.jit(noise.step_noise, static_argnums=(1, 2, 3))(key, n, dim, jnp.float32)
         np.testing.assert_array_equal(xi, jax.random.normal(jax.random.fold_in(key, 0), (n, dim), jnp.float32))
 
 
@@ -116,14 +116,14 @@ def test_lazy_jit_forwards_the_jitted_function():
 def test_step_programs_skip_the_fusion_only_for_particle_blocks():
     """dot_fusion_pays follows the drift's plan (fused: one block and data blocks), and the
     step program routes each call accordingly."""
-    P = network.ChunkPlan
+    P = blocking.ChunkPlan
     wide, a, w = _case(jnp.float32, n=4096, d=100, N=16384)
-    assert network.drift_plan(wide, 16384) == network.plan_chunks(16384, 4096, 4, n_features=101)
-    assert network.drift_plan(wide, 16384).particles == 16384 and network.dot_fusion_pays(wide, 16384)
-    assert not network.dot_fusion_pays(wide, 16384, memory_budget=3 * 4 * 16384 * 8)  # too small
-    assert network.drift_plan(wide, 16384, batch_size=64) == P(16384, 64)  # minibatch: one block
+    assert blocking.drift_plan(wide, 16384) == blocking.plan_chunks(16384, 4096, 4, n_features=101)
+    assert blocking.drift_plan(wide, 16384).particles == 16384 and blocking.dot_fusion_pays(wide, 16384)
+    assert not blocking.dot_fusion_pays(wide, 16384, memory_budget=3 * 4 * 16384 * 8)  # too small
+    assert blocking.drift_plan(wide, 16384, batch_size=64) == P(16384, 64)  # minibatch: one block
     thin, _, _ = _case(jnp.float32, n=512, d=2, N=8)
-    assert not network.dot_fusion_pays(thin, 100000) and network.dot_fusion_pays(thin, 100)
+    assert not blocking.dot_fusion_pays(thin, 100000) and blocking.dot_fusion_pays(thin, 100)
 
     calls = []
     f = xla.jit(lambda v: v + 1, fuse_if=lambda v: calls.append(v.shape) or v.shape[0] > 2)

@@ -458,7 +458,7 @@ def environment(seed: int, precision: str) -> dict:
     import scipy
 
     import mfld
-    from mfld.network import cpu_threads
+    from mfld.blocking import cpu_threads
     from mfld.xla import compiler_options
 
     return {

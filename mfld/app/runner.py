@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mfld import config as cfgmod
-from mfld import dynamics
+from mfld import dynamics, loop
 from mfld.app import certificates, guards, inputs, run_figures, rundir
 from mfld.app.lock import LOCK, RunLock
 from mfld.app.records import RunStatus, is_finite_row, merge_metrics, run_summary
@@ -335,7 +335,7 @@ class _Run:
         if self.opts.write and self.certs.solved:
             rundir.atomic_write_text(self.out_dir / rundir.OPTIMUM, self.certs.optimum.to_json())
         initial_state = self.state
-        self.hook = _RecordHook(self, dynamics.History(), self.certs.certify)
+        self.hook = _RecordHook(self, loop.History(), self.certs.certify)
         remaining = max(cfg.dynamics.steps - int(self.state.step), 0)
         if self.resumed_from is not None and remaining == 0:
             self.notes.append(f"nothing to do: the run is already at step {int(self.state.step)} of "
@@ -352,7 +352,7 @@ class _Run:
         summary says what happened (``interrupted`` or ``failed``) before it is re-raised."""
         cfg, rec, opts = self.cfg, self.cfg.record, self.opts
         try:
-            simulate = dynamics.simulate
+            simulate = loop.simulate
             if _mesh_size(opts.devices) > 1:  # particles sharded; callbacks and the result see gathered copies
                 from mfld import sharding
 
@@ -436,7 +436,7 @@ class _Run:
 
 
 class _RecordHook:
-    """The callback of :func:`mfld.dynamics.simulate` at each record: divergence check,
+    """The callback of :func:`mfld.loop.simulate` at each record: divergence check,
     certificates, snapshots, periodic checkpoints and the signal flag.
 
     ``status`` (:class:`mfld.app.records.RunStatus`) says how the run ended;
@@ -481,7 +481,7 @@ class _RecordHook:
         return stop
 
     def _checkpoint(self, s, row):
-        rows = dynamics.History({k: list(v) for k, v in self.hist.columns.items()})
+        rows = loop.History({k: list(v) for k, v in self.hist.columns.items()})
         rows.append(row)
         # metrics first, then the checkpoint: a kill in between leaves metrics rows beyond the
         # checkpoint, which a resume truncates; the other order would lose rows.

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mfld import config as cfgmod
-from mfld import dynamics, sweep
+from mfld import dynamics, loop, sweep
 from mfld.app import certificates, inputs, rundir
 from mfld.app.records import RunStatus, is_finite_row, merge_metrics, run_summary
 from mfld.errors import ConfigError
@@ -145,7 +145,7 @@ class Sweep:
                 raise ConfigError(f"cannot read the sweep checkpoint or a member's metrics ({type(err).__name__})",
                                   field="--resume", value=str(self.req.out),
                                   allowed="a sweep directory mfld sweep wrote") from None
-        self.hists = [dynamics.History() for _ in self.members]
+        self.hists = [loop.History() for _ in self.members]
         self.offsets = [float(p["wall_time"][-1]) if p and "wall_time" in p and len(p["step"]) else 0.0
                         for p in self.priors]
         return state
@@ -169,7 +169,7 @@ class Sweep:
         """Members' metrics (with ``rows``, the record being taken) first, then the stacked
         states (a kill in between: the resume drops the metrics rows after the checkpoint)."""
         for i, d in enumerate(self.dirs):
-            h = dynamics.History({k: list(v) for k, v in self.hists[i].columns.items()})
+            h = loop.History({k: list(v) for k, v in self.hists[i].columns.items()})
             if rows is not None:
                 h.append(rows[i])
             rundir.write_metrics(d / rundir.METRICS, merge_metrics(self.priors[i], h.columns))

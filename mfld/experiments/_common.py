@@ -124,7 +124,7 @@ def log_certificate(table: dict, problem, a, w, *, F_star: float | None = None, 
 
 
 def certify_callback(table: dict, problem, *, F_star: float | None = None, keep=None):
-    """A :func:`mfld.dynamics.simulate` callback that, at each record ``row`` for which
+    """A :func:`mfld.loop.simulate` callback that, at each record ``row`` for which
     ``keep(row)`` (default: every record), appends ``t``, ``risk`` (from the row) and the
     certificate (:func:`log_certificate`) to ``table``; it never stops the run."""
 

@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from mfld import data, dynamics
+from mfld import data, dynamics, loop
 from mfld.experiments import _common as C
 from mfld.problem import Problem
 
@@ -61,6 +61,14 @@ def annealed_verdict(wm) -> str:
 def run(out_dir, quick: bool = False) -> dict:
     out = C.out_path(out_dir)
     t_wall = time.perf_counter()
+    res = compute(quick)
+    f0_title = plot(res, out)
+    return report(res, out, wall=time.perf_counter() - t_wall, figure_title_F0=f0_title)
+
+
+def compute(quick: bool = False) -> dict:
+    """Every run of the setting: the records (``curves``), the final values (``rows``) and the
+    setting itself (a plain dict)."""
     cfg = _settings(quick)
     n_part, steps, every = cfg["n_part"], cfg["steps"], cfg["every"]
     eta, c, lam = 0.05, 0.05, 1e-2
@@ -83,7 +91,7 @@ def run(out_dir, quick: bool = False) -> dict:
             D = pb.p + 1
             st = dynamics.init_particles(pb, n_part, 0)
             stp = dynamics.Langevin(eta, tau_schedule=sched)
-            _, h = dynamics.simulate(pb, st, stp, steps, record_every=every)
+            _, h = loop.simulate(pb, st, stp, steps, record_every=every)
             taus = np.asarray(dynamics.temperature(pb, stp, np.asarray(h["t"])), dtype=np.float64) * np.ones(len(h))
             f0 = np.asarray(h["reg_risk"])
             C.append_rows(curves, run=name, t=h["t"], risk=h["risk"], F0=f0, tau=[float(v) for v in taus])
@@ -96,14 +104,20 @@ def run(out_dir, quick: bool = False) -> dict:
                          final_risk=float(np.mean(np.asarray(h["risk"])[tail])),
                          min_window_F0=float(wm[:, 1].min()) if len(wm) else math.nan,
                          equipartition_D_tau_over_2=D * float(taus[-1]) / 2)
-    C.write_csv(out / "annealing.csv", curves)
-    C.write_csv(out / "final.csv", rows)
+    return dict(quick=quick, n_part=n_part, steps=steps, every=every, eta=eta, c=c, lam=lam, T_end=T_end,
+                n=len(ds.y), D=D, runs=list(runs), edges=edges, curves=curves, rows=rows)
+
+
+def plot(res: dict, out) -> str:
+    """``annealing.png`` (window-averaged F_0 and risk, the schedules); returns the F_0 panel's
+    title (it states the plateaus and what the annealed run did)."""
+    curves, rows, edges = res["curves"], res["rows"], res["edges"]
     plt = C.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     names = np.asarray(curves["run"])
     tt = np.asarray(curves["t"])
     verdict = ""
-    for j, name in enumerate(runs):
+    for j, name in enumerate(res["runs"]):
         sel = names == name
         col = "k" if name.startswith("annealed") else f"C{j}"
         lw = 2.2 if name.startswith("annealed") else 1.4
@@ -127,10 +141,17 @@ def run(out_dir, quick: bool = False) -> dict:
         ax.set_xlabel("time t = step x eta  (window averages, log scale)")
         ax.legend(fontsize=7)
         C.no_minor_labels(ax)
-    C.caption(fig, activation="tanh", loss="squared", lam=lam, tau=c, N=n_part, eta=eta, steps=steps,
-              extra=f"tau_t = {c:g}/log(t+e) for the annealed run")
+    C.caption(fig, activation="tanh", loss="squared", lam=res["lam"], tau=res["c"], N=res["n_part"], eta=res["eta"],
+              steps=res["steps"], extra=f"tau_t = {res['c']:g}/log(t+e) for the annealed run")
     C.savefig(fig, out / "annealing.png")
-    wall = time.perf_counter() - t_wall
+    return f0_title
+
+
+def report(res: dict, out, *, wall: float, figure_title_F0: str) -> dict:
+    """``annealing.csv``, ``final.csv``, ``report.md`` and ``summary.json``; returns the summary."""
+    rows, D, quick = res["rows"], res["D"], res["quick"]
+    C.write_csv(out / "annealing.csv", res["curves"])
+    C.write_csv(out / "final.csv", rows)
     i_ann = len(rows["run"]) - 1
     i_cold = i_ann - 1
     z = (rows["final_F0"][i_ann] - rows["final_F0"][i_cold]) / math.hypot(rows["final_F0_se"][i_ann],
@@ -142,10 +163,10 @@ def run(out_dir, quick: bool = False) -> dict:
                       f"{D * (rows['final_tau'][i] - rows['final_tau'][j]) / 2:.4g} predicted between tau = "
                       f"{rows['final_tau'][i]:.3g} and {rows['final_tau'][j]:.3g}")
     return C.finish(out, NAME, "Annealing the temperature", [
-        ("Setting", f"Teacher-student, n = {len(ds.y)} noiseless targets, d = 1 with bias (D = {D}), tanh, "
-                    f"squared loss, lam = {lam:g}; N = {n_part}, eta = {eta}, {steps} steps (t up to {T_end:g}), "
-                    f"records every {every} steps; c = {c:g}. {'Quick' if quick else 'Full'} setting; wall time "
-                    f"{wall:.0f} s."),
+        ("Setting", f"Teacher-student, n = {res['n']} noiseless targets, d = 1 with bias (D = {D}), tanh, "
+                    f"squared loss, lam = {res['lam']:g}; N = {res['n_part']}, eta = {res['eta']}, {res['steps']} "
+                    f"steps (t up to {res['T_end']:g}), records every {res['every']} steps; c = {res['c']:g}. "
+                    f"{'Quick' if quick else 'Full'} setting; wall time {wall:.0f} s."),
         ("What is measured", "The entropy-free objective F_0 = R + (lam/2) E|theta|^2 (the objective annealing "
                              "minimises) and the training risk R of the particles, averaged over log-spaced time "
                              "windows; final values are means over the last tenth of the records with a "
@@ -168,4 +189,4 @@ def run(out_dir, quick: bool = False) -> dict:
                     + "; ".join(ladder) + "."),
     ], quick=quick, wall=wall,
                     files=["annealing.png", "annealing.csv (every record)", "final.csv"],
-                    final=rows, z_annealed_vs_cold=z, figure_title_F0=f0_title)
+                    final=rows, z_annealed_vs_cold=z, figure_title_F0=figure_title_F0)

@@ -155,11 +155,27 @@ def cases(quick: bool) -> list[Case]:
 def run(out_dir, quick: bool = False) -> dict:
     out = C.out_path(out_dir)
     t0 = time.perf_counter()
-    seeds = 200
+    res = compute(quick)
+    plot(res, out)
+    return report(res, out, wall=time.perf_counter() - t0)
+
+
+def compute(quick: bool = False, seeds: int = 200) -> dict:
+    """The coverage of every case (:func:`coverage`): ``rows``, one dict per case."""
     rows = [coverage(c, seeds=seeds) for c in C.stages(cases(quick), "coverage cases")]
+    return dict(quick=quick, seeds=seeds, rows=rows)
+
+
+def plot(res: dict, out) -> None:
+    """``coverage.png``: coverage and effective sample size per case."""
+    _figure(out, res["rows"])
+
+
+def report(res: dict, out, *, wall: float) -> dict:
+    """``coverage.csv``, ``report.md`` and ``summary.json``; returns the summary."""
+    rows, seeds = res["rows"], res["seeds"]
     cols = {k: [r[k] for r in rows] for k in rows[0]}
     C.write_csv(out / "coverage.csv", cols)
-    _figure(out, rows)
     ok = all(r["reported"] == 0 or (r["cover_lower"] >= 0.95 and r["cover_upper"] >= 0.95
                                     and r["ess_frac_min"] >= 0.1) for r in rows)
     table = C.md_table({k: cols[k] for k in ("case", "tilt_value", "reported", "cover_lower", "cover_upper",
@@ -171,8 +187,8 @@ def run(out_dir, quick: bool = False) -> dict:
             "certified gap, against the exact `gap_exact`); `tilt_value`: E_mu[g^2]/(lam tau).\n\n" + table +
             f"\n\n**Verdict:** {'every case' if ok else 'NOT every case'} reaches >= 95% one-sided coverage for both "
             "bounds with ESS >= 10% of the samples.")
-    return C.finish(out, NAME, "Coverage of the Monte Carlo certificate", [("Coverage", text)], quick=quick,
-                    wall=time.perf_counter() - t0, files=["coverage.csv", "coverage.png"], all_ok=ok, rows=rows)
+    return C.finish(out, NAME, "Coverage of the Monte Carlo certificate", [("Coverage", text)], quick=res["quick"],
+                    wall=wall, files=["coverage.csv", "coverage.png"], all_ok=ok, rows=rows)
 
 
 def _figure(out, rows):

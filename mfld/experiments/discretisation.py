@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfld import dynamics, network, reference
+from mfld import dynamics, loop, network, reference
 from mfld.experiments import _common as C
 from mfld.problem import Problem
 
@@ -79,8 +79,16 @@ def _se(v):
 
 def run(out_dir, quick: bool = False) -> dict:
     out = C.out_path(out_dir)
-    cfg = _settings(quick)
     t_wall = time.perf_counter()
+    res = compute(quick)
+    plot(res, out)
+    return report(res, out, wall=time.perf_counter() - t_wall)
+
+
+def compute(quick: bool = False) -> dict:
+    """The errors against N (particles), against eta (exact recursion) and the particle check
+    of the recursion, with the fitted slopes (a plain dict)."""
+    cfg = _settings(quick)
     x, y = _data()
     lam, tau = 1.0, 0.2
     opt = reference.linear_gaussian_optimum(x, y, lam, tau)
@@ -104,7 +112,7 @@ def run(out_dir, quick: bool = False) -> dict:
             for seed in range(cfg["n_seeds"]):
                 st = _init(pb, n_part, 100 + seed)
                 # one simulate call: burn-in and average share the compiled segment (record_every)
-                _, h = dynamics.simulate(pb, st, dynamics.Langevin(eta), cfg["burn"] + cfg["avg"],
+                _, h = loop.simulate(pb, st, dynamics.Langevin(eta), cfg["burn"] + cfg["avg"],
                                          record_every=cfg["every"], recorder=rec, record_initial=False)
                 keep = np.asarray(h["step"]) > cfg["burn"]
                 gaps.append(opt.free_energy - np.mean(h["dual"][keep]))
@@ -137,7 +145,7 @@ def run(out_dir, quick: bool = False) -> dict:
             burn, avg = cfg["check_steps"]
             st = _init(pb, cfg["check_N"], 7)
             every = max(1, avg // 40)
-            _, h = dynamics.simulate(pb, st, dynamics.Langevin(e), burn + avg, record_every=every, recorder=_var_a,
+            _, h = loop.simulate(pb, st, dynamics.Langevin(e), burn + avg, record_every=every, recorder=_var_a,
                                      record_initial=False)
             v = h["var_a"][np.asarray(h["step"]) > burn]
             # SE of a time average of correlated records: records spaced >= 1/lam apart are
@@ -151,10 +159,16 @@ def run(out_dir, quick: bool = False) -> dict:
             c_rows["var_a_recursion"].append(float(vr))
             c_rows["var_a_star"].append(float(opt.sigma[0, 0]))
             c_rows["z_score"].append(float((np.mean(v) - vr) / se))
-    # ---- outputs ----
-    C.write_csv(out / "error_vs_N.csv", n_rows)
-    C.write_csv(out / "error_vs_eta.csv", e_rows)
-    C.write_csv(out / "particle_check.csv", c_rows)
+    fits = {"N_dual_gap": fit_gap, "N_risk": fit_risk, "eta_variance": fit_var, "eta_free_energy": fit_F}
+    return dict(quick=quick, cfg=cfg, n=len(y), lam=lam, tau=tau, eta=eta, F_star=opt.free_energy,
+                n_rows=n_rows, e_rows=e_rows, c_rows=c_rows, fits=fits)
+
+
+def plot(res: dict, out) -> None:
+    """``error_vs_N_and_eta.png``: the errors and their fitted power laws."""
+    cfg, n_rows, e_rows, eta = res["cfg"], res["n_rows"], res["e_rows"], res["eta"]
+    fits = res["fits"]
+    fit_gap, fit_risk, fit_var, fit_F = (fits[k] for k in ("N_dual_gap", "N_risk", "eta_variance", "eta_free_energy"))
     plt = C.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     N = np.asarray(n_rows["N"], float)
@@ -185,20 +199,27 @@ def run(out_dir, quick: bool = False) -> dict:
     axes[1].legend(fontsize=7)
     C.ticks_at(axes[0], cfg["Ns"])
     C.ticks_at(axes[1], cfg["etas"])
-    C.caption(fig, activation="linear", loss="squared", lam=lam, tau=tau, eta=eta,
+    C.caption(fig, activation="linear", loss="squared", lam=res["lam"], tau=res["tau"], eta=eta,
               extra=f"N = {cfg['Ns'][0]}-{cfg['Ns'][-1]} (left), N = infinity recursion (right); d = 1 without bias")
     C.savefig(fig, out / "error_vs_N_and_eta.png")
-    fits = {"N_dual_gap": fit_gap, "N_risk": fit_risk, "eta_variance": fit_var, "eta_free_energy": fit_F}
+
+
+def report(res: dict, out, *, wall: float) -> dict:
+    """The CSV tables, ``report.md`` and ``summary.json``; returns the summary."""
+    cfg, n_rows, e_rows, c_rows, fits = res["cfg"], res["n_rows"], res["e_rows"], res["c_rows"], res["fits"]
+    lam, tau, eta, quick = res["lam"], res["tau"], res["eta"], res["quick"]
+    C.write_csv(out / "error_vs_N.csv", n_rows)
+    C.write_csv(out / "error_vs_eta.csv", e_rows)
+    C.write_csv(out / "particle_check.csv", c_rows)
     expected = {"N_dual_gap": -1.0, "N_risk": -1.0, "eta_variance": 1.0, "eta_free_energy": 2.0}
     ftab = {"quantity": list(fits), "expected": [expected[k] for k in fits],
             "slope": [fits[k]["slope"] for k in fits], "ci_low": [fits[k]["ci_low"] for k in fits],
             "ci_high": [fits[k]["ci_high"] for k in fits],
             "within_0.25": [bool(abs(fits[k]["slope"] - expected[k]) <= 0.25) for k in fits]}
     C.write_csv(out / "slopes.csv", ftab)
-    wall = time.perf_counter() - t_wall
     return C.finish(out, NAME, "Discretisation errors: particles and time step", [
-        ("Setting", f"Linear activation, squared loss, d = 1 without bias, n = {len(y)}, lam = {lam}, tau = {tau}; "
-                    f"rho*, F* = {opt.free_energy:.6g} and the N = infinity scheme laws in closed form "
+        ("Setting", f"Linear activation, squared loss, d = 1 without bias, n = {res['n']}, lam = {lam}, tau = {tau}; "
+                    f"rho*, F* = {res['F_star']:.6g} and the N = infinity scheme laws in closed form "
                     f"(mfld.reference). Against N: eta = {eta}, burn-in {cfg['burn']} steps, average over "
                     f"{cfg['avg']} steps, {cfg['n_seeds']} seeds. {'Quick' if quick else 'Full'} setting; "
                     f"wall time {wall:.0f} s."),

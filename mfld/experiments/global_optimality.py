@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfld import data, dynamics, network
+from mfld import data, dynamics, loop, network
 from mfld.experiments import _common as C
 from mfld.optimum import solve_optimum
 from mfld.problem import Problem
@@ -47,6 +47,14 @@ def _risk(pb, s):
 def run(out_dir, quick: bool = False) -> dict:
     out = C.out_path(out_dir)
     t_wall = time.perf_counter()
+    res = compute(quick)
+    plot(res, out)
+    return report(res, out, wall=time.perf_counter() - t_wall)
+
+
+def compute(quick: bool = False) -> dict:
+    """Five starts run to their floor with certificates: ``rows`` (final values), ``curves``
+    (certificates along the run), ``finals`` (final network outputs) and the optimum."""
     n_part, steps, every = (400, 600, 60) if quick else (2000, 6000, 200)
     early = 10  # certify every `early` steps while the gap is still falling (t <= every x eta)
     eta = 0.05
@@ -63,7 +71,7 @@ def run(out_dir, quick: bool = False) -> dict:
             st = dynamics.ParticleState(jnp.asarray(a0), jnp.asarray(w0), jnp.asarray(0, jnp.int32), dyn_key)
             tr = {"t": [], "dual_lower": [], "primal_upper": [], "risk": []}
             cb = C.certify_callback(tr, pb, keep=lambda row: not (row["step"] > every and row["step"] % every))
-            st, _ = dynamics.simulate(pb, st, dynamics.Langevin(eta), steps, record_every=early, callback=cb,
+            st, _ = loop.simulate(pb, st, dynamics.Langevin(eta), steps, record_every=early, callback=cb,
                                       recorder=_risk)
             d = np.asarray(tr["dual_lower"])
             tail = d[-max(2, len(d) // 4):]
@@ -73,8 +81,15 @@ def run(out_dir, quick: bool = False) -> dict:
                          Fstar_minus_D_avg=float(opt.F_star - tail.mean()), Fstar_minus_D_sd=float(tail.std(ddof=1)),
                          risk_final=tr["risk"][-1], max_abs_f_minus_fstar=float(np.max(np.abs(f - opt.f))))
             C.append_rows(curves, init=name, **tr)
-    C.write_csv(out / "final.csv", rows)
-    C.write_csv(out / "certificates.csv", curves)
+    return dict(quick=quick, n_part=n_part, steps=steps, every=every, early=early, eta=eta, lam=float(pb.lam),
+                tau=float(pb.tau), x=np.asarray(ds.x), y=np.asarray(ds.y), opt=opt, rows=rows, curves=curves,
+                finals=finals)
+
+
+def plot(res: dict, out) -> None:
+    """``global_optimality.png``: F* - D(u_t) per start, and the final outputs against f*."""
+    rows, curves, finals, opt = res["rows"], res["curves"], res["finals"], res["opt"]
+    early, eta = res["early"], res["eta"]
     plt = C.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ci = np.asarray(curves["init"])
@@ -86,22 +101,30 @@ def run(out_dir, quick: bool = False) -> dict:
         axes[0].loglog(t[ok], g[ok], ".-", ms=3, lw=1, color=f"C{j}", label=name)
     axes[0].set_xlabel("time t = step x eta (log scale; first record at t = %g)" % (early * eta))
     axes[0].set_ylabel("F* - D(u_t)  (certified, units of the loss)")
-    axes[0].set_title(f"all initialisations reach F* = {opt.F_star:.6g} (error {opt.F_star_err:.1g}); N = {n_part}, "
+    axes[0].set_title(f"all initialisations reach F* = {opt.F_star:.6g} (error {opt.F_star_err:.1g}); "
+                      f"N = {res['n_part']}, "
                       "same noise for all starts", fontsize=8)
     axes[0].legend(fontsize=7)
-    xr = np.asarray(ds.x)[:, 0]
+    xr = res["x"][:, 0]
     order = np.argsort(xr)
-    axes[1].plot(xr[order], np.asarray(ds.y)[order], "k.", label="data")
+    axes[1].plot(xr[order], res["y"][order], "k.", label="data")
     axes[1].plot(xr[order], opt.f[order], "k-", lw=3, alpha=0.4, label="f* (optimum solver)")
     for j, name in enumerate(rows["init"]):
         axes[1].plot(xr[order], finals[name][order], "--", color=f"C{j}", lw=1, label=f"final f, {name}")
     axes[1].set_xlabel("input x")
     axes[1].set_ylabel("network output f(x)")
     axes[1].legend(fontsize=6.5)
-    C.caption(fig, activation="tanh", loss="squared", lam=float(pb.lam), tau=float(pb.tau), N=n_part, eta=eta,
-              steps=steps)
+    C.caption(fig, activation="tanh", loss="squared", lam=res["lam"], tau=res["tau"], N=res["n_part"], eta=eta,
+              steps=res["steps"])
     C.savefig(fig, out / "global_optimality.png")
-    wall = time.perf_counter() - t_wall
+
+
+def report(res: dict, out, *, wall: float) -> dict:
+    """``final.csv``, ``certificates.csv``, ``report.md`` and ``summary.json``; returns the summary."""
+    rows, curves, opt = res["rows"], res["curves"], res["opt"]
+    n_part, steps, every, early, eta, quick = (res[k] for k in ("n_part", "steps", "every", "early", "eta", "quick"))
+    C.write_csv(out / "final.csv", rows)
+    C.write_csv(out / "certificates.csv", curves)
     spread = float(np.max(rows["dual_lower_final"]) - np.min(rows["dual_lower_final"]))
     # do the starts' floors differ by more than their record-to-record fluctuations? (SE of a
     # tail mean from its sd; records 200 steps apart are treated as independent)
@@ -111,7 +134,8 @@ def run(out_dir, quick: bool = False) -> dict:
     z_max = float(max(abs(avg[i] - avg[j]) / np.hypot(ses[i], ses[j])
                       for i in range(len(avg)) for j in range(i + 1, len(avg))))
     return C.finish(out, NAME, "Global optimality: different initialisations, one F*", [
-        ("Setting", f"Teacher-student, n = {len(ds.y)}, d = 1 with bias, tanh, squared loss, lam = 0.2, tau = 0.05; "
+        ("Setting", f"Teacher-student, n = {len(res['y'])}, d = 1 with bias, tanh, squared loss, lam = 0.2, "
+                    "tau = 0.05; "
                     f"N = {n_part} particles, eta = {eta}, {steps} steps; certificates every {early} steps up "
                     f"to step {every}, then every {every} steps (quadrature, certified). All five starts use "
                     "the same Brownian noise (a synchronous coupling), so their fluctuations at the floor move "

@@ -410,6 +410,15 @@ def tolerance(opt: float) -> float:
 def run(out_dir, quick: bool = False) -> dict:
     out = C.out_path(out_dir)
     t_wall = time.perf_counter()
+    res = compute(quick)
+    plot(res, out)
+    return report(res, out, wall=time.perf_counter() - t_wall)
+
+
+def compute(quick: bool = False) -> dict:
+    """Learning rates tuned once, then every (model, N, seed) trained: ``rows``, ``curves``,
+    ``tune``, the closed-form optima (``expected``, ``dense``), the per-(model, N) ``summ``
+    and the ordering RF > NT > NN below N = d."""
     S = _settings(quick)
     d, Ns, steps, seeds, nrec = S["d"], S["Ns"], S["steps"], S["seeds"], S["n_records"]
     gamma = gammas(d)
@@ -485,14 +494,26 @@ def run(out_dir, quick: bool = False) -> dict:
 
     rf_floor = 1.0 - float(np.sum(target_diag(gamma)) ** 2 / (d * np.sum(target_diag(gamma) ** 2)))
     ordering = {int(N): bool(val("RF", N) > val("NT", N) > val("NN", N)) for N in Ns if N < d}
+    return dict(quick=quick, settings=S, d=d, R0=R0, rf_floor=rf_floor, eta_of=eta_of, tune=tune, rows=rows,
+                curves=curves, expected=expected, dense=dense, summ=summ, ordering=ordering)
 
-    C.write_csv(out / "runs.csv", rows)
+
+def plot(res: dict, out) -> None:
+    """``lazy_vs_mean_field.png`` (R/R_0 against N, the learning-rate tuning) and
+    ``training_curves.png``."""
+    _figures(out, res["settings"], res["summ"], res["dense"], res["curves"], res["tune"], res["eta_of"], res["d"])
+
+
+def report(res: dict, out, *, wall: float) -> dict:
+    """The CSV tables, ``report.md`` and ``summary.json``; returns the summary."""
+    S, d, R0, rf_floor, eta_of, quick = (res[k] for k in ("settings", "d", "R0", "rf_floor", "eta_of", "quick"))
+    tune, summ, ordering, expected = res["tune"], res["summ"], res["ordering"], res["expected"]
+    Ns, steps, seeds = S["Ns"], S["steps"], S["seeds"]
+    C.write_csv(out / "runs.csv", res["rows"])
     C.write_csv(out / "summary_table.csv", summ)
-    C.write_csv(out / "training_curves.csv", curves)
+    C.write_csv(out / "training_curves.csv", res["curves"])
     C.write_csv(out / "lr_tuning.csv", tune)
-    C.write_csv(out / "expected_optima.csv", dense)
-    _figures(out, S, summ, dense, curves, tune, eta_of, d)
-    wall = time.perf_counter() - t_wall
+    C.write_csv(out / "expected_optima.csv", res["dense"])
 
     n_in = sum(summ["within"])
     outside = [i for i in range(len(summ["N"])) if not summ["within"][i]]

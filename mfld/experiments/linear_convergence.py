@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from mfld import duality, dynamics
+from mfld import duality, dynamics, loop
 from mfld import grid as G
 from mfld import theory as T
 from mfld.experiments import _common as C
@@ -48,6 +48,16 @@ def _data(seed=0, n=16):
 
 def run(out_dir, quick: bool = False) -> dict:
     out = C.out_path(out_dir)
+    t_wall = time.perf_counter()
+    res = compute(quick)
+    plot(res, out)
+    return report(res, out, wall=time.perf_counter() - t_wall)
+
+
+def compute(quick: bool = False) -> dict:
+    """Per (lam, tau): the exact PDE gap and its fitted rate, the section-5 envelope and bounds,
+    the particles' certified F* - D(u_t) (``rows``, ``curves``, ``pcurves``, ``nonpos``) and
+    what the gap figure draws per setting (``panels``)."""
     cfg = _settings(quick)
     x, y = _data()
     a0 = w0 = 0.7
@@ -58,14 +68,9 @@ def run(out_dir, quick: bool = False) -> dict:
                             "envelope_holds")}
     curves = {k: [] for k in ("lam", "tau", "t", "gap_exact", "envelope", "alpha_bound", "risk")}
     pcurves = {k: [] for k in ("lam", "tau", "t", "dual_gap", "risk")}
-    plt = C.pyplot()
-    k = len(cfg["lam_tau"])
-    ncol = min(3, k)
-    nrow = math.ceil(k / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.6 * nrow), squeeze=False)
-    t_wall = time.perf_counter()
+    panels = []
     nonpos = {"lam": [], "tau": [], "records": [], "nonpositive": []}
-    for idx, (lam, tau) in C.stages(list(enumerate(cfg["lam_tau"])), "linear-convergence"):
+    for _, (lam, tau) in C.stages(list(enumerate(cfg["lam_tau"])), "linear-convergence"):
         with jax.enable_x64(True):
             pb = Problem.create(x, y, activation="tanh", lam=lam, tau=tau, bias=False)
         gr = G.make_grid(pb, cfg["grid"], cfg["grid"])
@@ -86,7 +91,7 @@ def run(out_dir, quick: bool = False) -> dict:
                 return {"risk": network.risk(p, f)}
 
             ptab = {"t": [], "Fstar_minus_D": [], "risk": []}
-            dynamics.simulate(pb, st, dynamics.Langevin(cfg["eta"]), n_steps, record_every=cfg["record_every"],
+            loop.simulate(pb, st, dynamics.Langevin(cfg["eta"]), n_steps, record_every=cfg["record_every"],
                               recorder=rec, callback=C.certify_callback(ptab, pb, F_star=opt.F_star))
         ts, dg, pr = np.asarray(ptab["t"]), np.asarray(ptab["Fstar_minus_D"]), ptab["risk"]
         # strong duality across implementations: the grid's F* against mfld.duality's D at the grid's u*
@@ -109,36 +114,62 @@ def run(out_dir, quick: bool = False) -> dict:
         C.append_rows(curves, lam=lam, tau=tau, t=res.times, gap_exact=gap, envelope=env, alpha_bound=alpha,
                       risk=res.columns["risk"])
         C.append_rows(pcurves, lam=lam, tau=tau, t=ts, dual_gap=dg, risk=pr)
-        ax = axes[idx // ncol][idx % ncol]
-        pos = gap > 0
-        ax.semilogy(res.times[pos], gap[pos], "C0-", lw=2, label="F(rho_t) - F*  (exact, PDE on grid)")
-        ax.semilogy(res.times, env, "C3--", label=f"section-5 envelope (rate {b_star.rate:.3g} at R*)")
-        tt = np.linspace(fit.t_start, fit.t_end, 20)
-        ax.semilogy(tt, np.exp(fit.intercept - fit.rate * tt), "k:", lw=1.5,
-                    label=f"fit: rate {fit.rate:.3g} [{fit.ci_low:.3g}, {fit.ci_high:.3g}]")
         dpos = dg > 0
-        ax.semilogy(ts[dpos], dg[dpos], "C2.", ms=3, alpha=0.7,
-                    label=f"F* - D(u_t), N={cfg['n_particles']} particles")
-        # records where the particles' dual bound reaches the grid F* (F* - D <= 0: the O(1/N) floor
-        # is below the grid F*'s own accuracy) are not dropped: |F* - D| as hollow markers
         n_np = int(np.sum(~dpos & np.isfinite(dg)))
         C.append_row(nonpos, lam=lam, tau=tau, records=int(dg.size), nonpositive=n_np)
-        if n_np:
-            neg = ~dpos & (dg != 0) & np.isfinite(dg)
-            ax.semilogy(ts[neg], -dg[neg], "o", mfc="none", mec="C2", ms=3.5, alpha=0.9,
-                        label=f"{n_np} of {dg.size} records with F* - D <= 0: |F* - D| shown")
-        ax.set_title(f"lam = {lam:g}, tau = {tau:g}  (R*/(lam tau) = {opt.risk / (lam * tau):.2g})", fontsize=9)
-        ax.set_xlabel("time t = step x eta")
-        ax.set_ylabel("F(rho_t) - F*  (units of the loss)")
-        shown = np.concatenate([gap[pos], np.abs(dg[np.isfinite(dg) & (dg != 0)])])
-        ax.set_ylim(max(1e-12, 0.3 * np.min(shown)) if shown.size else 1e-12, 2 * max(gap[0], np.max(shown)))
-        ax.legend(fontsize=6.5, loc="lower left")
+        panels.append(dict(lam=lam, tau=tau, times=res.times, gap=gap, env=env, fit=fit, bound_rate=b_star.rate,
+                           ts=ts, dg=dg, risk_star=opt.risk))
+    return dict(quick=quick, cfg=cfg, n=len(y), a0=a0, w0=w0, rows=rows, curves=curves, pcurves=pcurves,
+                nonpos=nonpos, panels=panels)
+
+
+def plot(res: dict, out) -> None:
+    """``gap_vs_time.png`` (one panel per (lam, tau)) and ``rates.png``."""
+    cfg, rows = res["cfg"], res["rows"]
+    plt = C.pyplot()
+    k = len(cfg["lam_tau"])
+    ncol = min(3, k)
+    nrow = math.ceil(k / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.6 * nrow), squeeze=False)
+    for idx, pn in enumerate(res["panels"]):
+        _gap_panel(axes[idx // ncol][idx % ncol], cfg, pn)
     for j in range(k, nrow * ncol):
         axes[j // ncol][j % ncol].axis("off")
     C.caption(fig, activation="tanh", loss="squared", N=cfg["n_particles"], eta=cfg["eta"],
               extra="d = 1 without bias; lam, tau per panel")
     C.savefig(fig, out / "gap_vs_time.png")
-    # rate comparison figure
+    _rates_figure(plt, rows, cfg, out)
+
+
+def _gap_panel(ax, cfg, pn):
+    """One panel of ``gap_vs_time.png``: the exact gap, the envelope, the fit and the particles."""
+    lam, tau, times, gap, env, fit, ts, dg = (pn[k] for k in ("lam", "tau", "times", "gap", "env", "fit", "ts", "dg"))
+    bound_rate, risk_star = pn["bound_rate"], pn["risk_star"]
+    pos = gap > 0
+    ax.semilogy(times[pos], gap[pos], "C0-", lw=2, label="F(rho_t) - F*  (exact, PDE on grid)")
+    ax.semilogy(times, env, "C3--", label=f"section-5 envelope (rate {bound_rate:.3g} at R*)")
+    tt = np.linspace(fit.t_start, fit.t_end, 20)
+    ax.semilogy(tt, np.exp(fit.intercept - fit.rate * tt), "k:", lw=1.5,
+                label=f"fit: rate {fit.rate:.3g} [{fit.ci_low:.3g}, {fit.ci_high:.3g}]")
+    dpos = dg > 0
+    ax.semilogy(ts[dpos], dg[dpos], "C2.", ms=3, alpha=0.7,
+                label=f"F* - D(u_t), N={cfg['n_particles']} particles")
+    # records where the particles' dual bound reaches the grid F* (F* - D <= 0: the O(1/N) floor
+    # is below the grid F*'s own accuracy) are not dropped: |F* - D| as hollow markers
+    n_np = int(np.sum(~dpos & np.isfinite(dg)))
+    if n_np:
+        neg = ~dpos & (dg != 0) & np.isfinite(dg)
+        ax.semilogy(ts[neg], -dg[neg], "o", mfc="none", mec="C2", ms=3.5, alpha=0.9,
+                    label=f"{n_np} of {dg.size} records with F* - D <= 0: |F* - D| shown")
+    ax.set_title(f"lam = {lam:g}, tau = {tau:g}  (R*/(lam tau) = {risk_star / (lam * tau):.2g})", fontsize=9)
+    ax.set_xlabel("time t = step x eta")
+    ax.set_ylabel("F(rho_t) - F*  (units of the loss)")
+    shown = np.concatenate([gap[pos], np.abs(dg[np.isfinite(dg) & (dg != 0)])])
+    ax.set_ylim(max(1e-12, 0.3 * np.min(shown)) if shown.size else 1e-12, 2 * max(gap[0], np.max(shown)))
+    ax.legend(fontsize=6.5, loc="lower left")
+
+
+def _rates_figure(plt, rows, cfg, out):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     lab = [f"({a:g},{b:g})" for a, b in zip(rows["lam"], rows["tau"], strict=True)]
     xs = np.arange(len(lab))
@@ -157,9 +188,16 @@ def run(out_dir, quick: bool = False) -> dict:
     ax.legend(fontsize=7)
     C.caption(fig, activation="tanh", loss="squared", extra=f"d = 1 without bias; exact PDE on a {cfg['grid']}^2 grid")
     C.savefig(fig, out / "rates.png")
+
+
+def report(res: dict, out, *, wall: float) -> dict:
+    """The CSV tables, ``report.md`` and ``summary.json``; returns the summary."""
+    cfg, rows, nonpos, quick = res["cfg"], res["rows"], res["nonpos"], res["quick"]
+    a0, w0, curves, pcurves = res["a0"], res["w0"], res["curves"], res["pcurves"]
     C.write_csv(out / "rates.csv", rows)
     C.write_csv(out / "gap_exact.csv", curves)
     C.write_csv(out / "gap_particles.csv", pcurves)
+
     def with_ci(r, lo, hi):
         return [f"{a:.4g} [{b:.3g}, {c:.3g}]" if np.isfinite(a) else "n/a (too few records)"
                 for a, b, c in zip(rows[r], rows[lo], rows[hi], strict=True)]
@@ -175,9 +213,8 @@ def run(out_dir, quick: bool = False) -> dict:
                "it) are drawn at |F* - D| with hollow markers, not dropped: " + "; ".join(
                    f"(lam, tau) = ({a:g}, {b:g}): {m} of {n}" for a, b, n, m in
                    zip(nonpos["lam"], nonpos["tau"], nonpos["records"], nonpos["nonpositive"], strict=True)) + ".")
-    wall = time.perf_counter() - t_wall
     return C.finish(out, NAME, "Linear convergence against the section-5 bound", [
-        ("Setting", f"d = 1 without bias, tanh, squared loss, n = {len(y)} points, target 0.8 tanh(1.5 x) + "
+        ("Setting", f"d = 1 without bias, tanh, squared loss, n = {res['n']} points, target 0.8 tanh(1.5 x) + "
                     f"noise; start N(0, {a0}^2) x N(0, {w0}^2). Exact gap from the Fokker-Planck PDE on a "
                     f"{cfg['grid']}x{cfg['grid']} grid (dt = {cfg['dt']}); particles: N = {cfg['n_particles']}, "
                     f"eta = {cfg['eta']}, certified dual bound every {cfg['record_every']} steps. "

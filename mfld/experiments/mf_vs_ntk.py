@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfld import data, dynamics, network
+from mfld import data, dynamics, loop, network
 from mfld.errors import ConfigError
 from mfld.experiments import _common as C
 from mfld.problem import Problem
@@ -122,6 +122,14 @@ def _nothing(pb, s):
 def run(out_dir, quick: bool = False) -> dict:
     out = C.out_path(out_dir)
     t_wall = time.perf_counter()
+    res = compute(quick)
+    plot(res, out)
+    return report(res, out, wall=time.perf_counter() - t_wall)
+
+
+def compute(quick: bool = False) -> dict:
+    """Both scalings at every width: ``rows`` (per activation, scaling, N), ``kr`` (the
+    infinite-width kernel limits) and the fitted slopes in N (``fits``)."""
     acts = ["relu"] if quick else ["relu", "erf"]
     Ns = [32, 128, 512] if quick else [64, 256, 1024, 4096]
     steps = 150 if quick else 3000
@@ -157,7 +165,7 @@ def run(out_dir, quick: bool = False) -> dict:
                     acc = {k: [] for k in ("distance", "kernel_change", "train_risk", "test_risk", "sq_to_flow")}
                     for seed in seeds:
                         st0 = symmetric_init(pb, n_part, seed)
-                        st, _ = dynamics.simulate(pb, st0, dynamics.Langevin(eta), steps, record_every=steps,
+                        st, _ = loop.simulate(pb, st0, dynamics.Langevin(eta), steps, record_every=steps,
                                                   recorder=_nothing, record_initial=False)
                         dist, kc, f_tr, f_te = (np.asarray(v) for v in _measure(pb, st0.a, st0.w, st.a, st.w))
                         acc["distance"].append(float(dist))
@@ -178,8 +186,13 @@ def run(out_dir, quick: bool = False) -> dict:
             sel = [i for i in range(len(rows["N"])) if rows["activation"][i] == act and rows["scaling"][i] == scaling]
             for q in ("distance", "kernel_change", "dist_to_kernel_flow"):
                 fits[f"{act}/{scaling}/{q}"] = C.fit_power([rows["N"][i] for i in sel], [rows[q][i] for i in sel])
-    C.write_csv(out / "mf_vs_ntk.csv", rows)
-    C.write_csv(out / "kernel_limit.csv", kr)
+    return dict(quick=quick, acts=acts, Ns=Ns, steps=steps, seeds=seeds, eta=eta, T=T, n=len(y), n_test=len(y_test),
+                rows=rows, kr=kr, fits=fits)
+
+
+def plot(res: dict, out) -> None:
+    """``mf_vs_ntk.png``: distance, kernel change, distance to the kernel flow and test risk against N."""
+    acts, Ns, rows, kr, fits, T = (res[k] for k in ("acts", "Ns", "rows", "kr", "fits", "T"))
     plt = C.pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     for j, act in enumerate(acts):
@@ -213,14 +226,22 @@ def run(out_dir, quick: bool = False) -> dict:
         ax.set_xlabel("width N (number of neurons)")
         ax.legend(fontsize=6)
         C.ticks_at(ax, Ns)
-    C.caption(fig, activation="/".join(acts), loss="squared", lam=1e-3, tau=0.0, N=f"{Ns[0]}-{Ns[-1]}", eta=eta,
-              steps=steps, extra="mean-field and NTK scaling, symmetric init")
+    C.caption(fig, activation="/".join(acts), loss="squared", lam=1e-3, tau=0.0, N=f"{Ns[0]}-{Ns[-1]}",
+              eta=res["eta"], steps=res["steps"], extra="mean-field and NTK scaling, symmetric init")
     C.savefig(fig, out / "mf_vs_ntk.png")
-    wall = time.perf_counter() - t_wall
+
+
+def report(res: dict, out, *, wall: float) -> dict:
+    """``mf_vs_ntk.csv``, ``kernel_limit.csv``, ``report.md`` and ``summary.json``; returns the summary."""
+    rows, kr, fits, steps, eta, T, seeds, quick = (res[k] for k in ("rows", "kr", "fits", "steps", "eta", "T",
+                                                                    "seeds", "quick"))
+    C.write_csv(out / "mf_vs_ntk.csv", rows)
+    C.write_csv(out / "kernel_limit.csv", kr)
     ftab = {"quantity": list(fits), "slope_in_N": [fits[k]["slope"] for k in fits],
             "ci_low": [fits[k]["ci_low"] for k in fits], "ci_high": [fits[k]["ci_high"] for k in fits]}
     return C.finish(out, NAME, "Mean-field against NTK scaling", [
-        ("Setting", f"Teacher-student (tanh teacher of width 3), n = {len(y)} training and {len(y_test)} test points, "
+        ("Setting", f"Teacher-student (tanh teacher of width 3), n = {res['n']} training and {res['n_test']} test "
+                    "points, "
                     f"d = 1 with bias, squared loss, lam = 1e-3, tau = 0 (noiseless, THEORY 8), {steps} steps of "
                     f"eta = {eta} (T = {T:g}) in both scalings (mean field: learning rate N eta on the raw "
                     "parameters; NTK: eta on the raw parameters). Symmetric initialisation (pairs (a, w), "

@@ -5,8 +5,8 @@ Gradient cost is counted in per-datum gradient evaluations (per particle), in ep
 full batch costs n per step, minibatch b per step, SVRG n per snapshot plus 2b per inner
 step. The SVRG drift of particle i at an inner step with batch B:
   v_i = grad_B(theta_i; rho) - grad_B(theta~_i; rho~) + grad_full(theta~_i; rho~) + lam theta_i,
-a control variate from the snapshot (theta~, rho~) and its full-batch residual u~, computed
-with :func:`mfld.network.interaction`; the noise is the usual sqrt(2 eta tau) xi.
+a control variate from the snapshot (theta~, rho~) (:class:`mfld.dynamics.SVRGLangevin`); the
+noise is the usual sqrt(2 eta tau) xi.
 The minibatch gradient noise adds variance (a floor above the full-batch stationary value);
 the control variate removes it.
 
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mfld import data, dynamics, network
+from mfld import data, dynamics, loop, network
 from mfld.experiments import _common as C
 from mfld.optimum import solve_optimum
 from mfld.problem import Problem
@@ -40,29 +40,18 @@ NAME = "minibatch"
 
 @partial(jax.jit, static_argnames=("m", "b"))
 def svrg_epoch(pb, a, w, key, epoch, eta, m: int, b: int):
-    """One SVRG outer loop: snapshot, full gradient at the snapshot, ``m`` inner steps of
-    batch ``b``. Returns the new (a, w). Noise from fold_in(fold_in(key, epoch), k)."""
-    n_part = a.shape[0]
-    full = network.interaction(pb, a, w)
-    a_s, w_s = a, w
-    lam, tau = pb.lam, pb.tau
-    ek = jax.random.fold_in(key, epoch)
+    """One SVRG outer loop: the anchor at (a, w) (:func:`mfld.dynamics.svrg_anchor`), then
+    ``m`` steps of :class:`mfld.dynamics.SVRGLangevin` with batch ``b``. Returns the new (a, w).
+    Step k's batch and noise come from (fold_in(key, epoch), k)."""
+    anchor = dynamics.svrg_anchor(pb, a, w)
+    stepper = dynamics.SVRGLangevin(eta, batch_size=b)
+    state = dynamics.ParticleState(a, w, jnp.asarray(0, jnp.int32), jax.random.fold_in(key, epoch))
 
-    def body(carry, k):
-        a, w = carry
-        kk = jax.random.fold_in(ek, k)
-        idx = jax.random.choice(jax.random.fold_in(kk, 1), pb.n, (b,), replace=False)
-        xb, yb = pb.x[idx], pb.y[idx]
-        ic = network.interaction(pb, a, w, xb, yb, n_particles=n_part)
-        isn = network.interaction(pb, a_s, w_s, xb, yb, n_particles=n_part)
-        ga = ic.grad_a - isn.grad_a + full.grad_a + lam * a
-        gw = ic.grad_w - isn.grad_w + full.grad_w + lam * w
-        xi = jax.random.normal(jax.random.fold_in(kk, 0), (n_part, w.shape[1] + 1), w.dtype)
-        sd = jnp.sqrt(2.0 * eta * tau)
-        return (a - eta * ga + sd * xi[:, 0], w - eta * gw + sd * xi[:, 1:]), None
+    def body(s, _):
+        return dynamics.svrg_step(pb, s, stepper, anchor)[0], None
 
-    (a, w), _ = jax.lax.scan(body, (a, w), jnp.arange(m))
-    return a, w
+    state, _ = jax.lax.scan(body, state, None, length=m)
+    return state.a, state.w
 
 
 def _settings(quick: bool):
@@ -99,6 +88,15 @@ def _stationary(epochs, g, start, n_blocks: int = 10):
 def run(out_dir, quick: bool = False) -> dict:
     out = C.out_path(out_dir)
     t_wall = time.perf_counter()
+    res = compute(quick)
+    plot(res, out)
+    return report(res, out, wall=time.perf_counter() - t_wall)
+
+
+def compute(quick: bool = False) -> dict:
+    """Full batch, minibatches and SVRG at equal gradient cost: the certified records
+    (``curves``), their stationary levels (``rows``), the variance-floor fit (``law``) and the
+    z-scores of the minibatch and SVRG floors against the full batch."""
     cfg = _settings(quick)
     n_part, budget, rec = cfg["n_part"], cfg["budget"], cfg["rec"]
     eta, lam, tau = 0.05, 0.1, 0.01
@@ -123,7 +121,7 @@ def run(out_dir, quick: bool = False) -> dict:
                 return False
 
             stp = dynamics.Langevin(eta, batch_size=None if b >= n else b)
-            dynamics.simulate(pb, st0, stp, budget * steps_per_epoch, record_every=every, callback=cb)
+            loop.simulate(pb, st0, stp, budget * steps_per_epoch, record_every=every, callback=cb)
 
         methods = [("full batch", n)] + [(f"minibatch b={b}", b) for b in cfg["batches"]] + [("SVRG", None)]
         bar = C.stages(methods, "minibatch")
@@ -143,11 +141,28 @@ def run(out_dir, quick: bool = False) -> dict:
             if (3 * (outer + 1)) % rec == 0:
                 log(svrg, b, 3 * (outer + 1), (outer + 1) * m * eta, a, w)
         bar.close()
-    C.write_csv(out / "minibatch.csv", curves)
+    st = _stationary_table(curves, n, budget / 2)
+    i_full = st["rows"]["method"].index("full batch")
+    i_mb = st["rows"]["method"].index(f"minibatch b={cfg['svrg_b']}")
+    i_sv = st["rows"]["method"].index(svrg)
+
+    def ratio_z(i, j):
+        d = st["rows"]["stationary_Fstar_minus_D"][i] - st["rows"]["stationary_Fstar_minus_D"][j]
+        return d / math.hypot(st["rows"]["se"][i], st["rows"]["se"][j])
+
+    return dict(quick=quick, cfg=cfg, n=n, n_part=n_part, budget=budget, rec=rec, eta=eta, lam=lam, tau=tau,
+                m=m, svrg=svrg, F_star=opt.F_star, curves=curves, start=budget / 2, **st,
+                i_full=i_full, i_mb=i_mb, i_sv=i_sv, z_mb_vs_full=ratio_z(i_mb, i_full),
+                z_svrg_vs_full=ratio_z(i_sv, i_full))
+
+
+def _stationary_table(curves: dict, n: int, start: float) -> dict:
+    """Per method the stationary level of F* - D over epochs > ``start`` (``rows``), and the
+    fit of the variance-floor law over full batch and the minibatches (``law``; None with
+    fewer than 3 of them; ``vx`` its x values)."""
     meth = np.asarray(curves["method"])
     ep_all = np.asarray(curves["epochs"])
     g_all = np.asarray(curves["Fstar_minus_D"])
-    start = budget / 2
     rows = {k: [] for k in ("method", "b", "variance_factor", "gradient_cost_epochs", "time_t",
                             "stationary_Fstar_minus_D", "se", "halves_z", "records", "stationary_risk")}
     for name in dict.fromkeys(curves["method"]):
@@ -164,7 +179,6 @@ def run(out_dir, quick: bool = False) -> dict:
         rows["halves_z"].append(z)
         rows["records"].append(k)
         rows["stationary_risk"].append(float(np.mean(np.asarray(curves["risk"])[sel][ep_all[sel] > start])))
-    C.write_csv(out / "stationary.csv", rows)
     # the variance-floor law: F* - D = floor + K (n - b)/(b (n - 1)) over full batch and the minibatches
     plain_idx = [i for i, mth in enumerate(rows["method"]) if not mth.startswith("SVRG")]
     vx = np.asarray([rows["variance_factor"][i] for i in plain_idx])
@@ -179,16 +193,18 @@ def run(out_dir, quick: bool = False) -> dict:
         chi2 = float(np.sum(wts * (vy - A @ coef) ** 2))
         law = {"floor": float(coef[0]), "floor_se": float(np.sqrt(cov[0, 0])), "slope": float(coef[1]),
                "slope_se": float(np.sqrt(cov[1, 1])), "chi2": chi2, "dof": len(vx) - 2}
-    i_full = rows["method"].index("full batch")
-    i_mb = rows["method"].index(f"minibatch b={cfg['svrg_b']}")
-    i_sv = rows["method"].index(svrg)
+    return dict(rows=rows, law=law, vx=vx)
 
-    def ratio_z(i, j):
-        d = rows["stationary_Fstar_minus_D"][i] - rows["stationary_Fstar_minus_D"][j]
-        return d / math.hypot(rows["se"][i], rows["se"][j])
 
-    z_mb_vs_full = ratio_z(i_mb, i_full)
-    z_svrg_vs_full = ratio_z(i_sv, i_full)
+def plot(res: dict, out) -> None:
+    """``minibatch.png``: F* - D against the gradient cost, and the stationary floors against
+    the batch-noise variance factor with the fitted law."""
+    cfg, rows, law, svrg, start, budget = (res[k] for k in ("cfg", "rows", "law", "svrg", "start", "budget"))
+    i_full, i_sv = res["i_full"], res["i_sv"]
+    z_mb_vs_full, z_svrg_vs_full = res["z_mb_vs_full"], res["z_svrg_vs_full"]
+    meth = np.asarray(res["curves"]["method"])
+    ep_all = np.asarray(res["curves"]["epochs"])
+    g_all = np.asarray(res["curves"]["Fstar_minus_D"])
     plt = C.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     show = ["full batch", f"minibatch b={cfg['svrg_b']}", svrg]
@@ -221,7 +237,7 @@ def run(out_dir, quick: bool = False) -> dict:
         axes[1].annotate(f"b={rows['b'][i]}", (rows["variance_factor"][i], rows["stationary_Fstar_minus_D"][i]),
                          textcoords="offset points", xytext=(7, -10), fontsize=7)
     if law is not None:
-        xx = np.linspace(0, max(vx) * 1.05, 50)
+        xx = np.linspace(0, max(res["vx"]) * 1.05, 50)
         axes[1].plot(xx, law["floor"] + law["slope"] * xx, "k:",
                      label=f"fit: {law['floor']:.2g} + {law['slope']:.2g} (n-b)/(b(n-1)); "
                            f"chi2 = {law['chi2']:.1f} on {law['dof']} dof")
@@ -229,10 +245,20 @@ def run(out_dir, quick: bool = False) -> dict:
     axes[1].set_xlabel("gradient-noise variance factor (n - b)/(b (n - 1))  (0: full batch, SVRG)")
     axes[1].set_ylabel("stationary F* - D (time average, +- 2 SE)")
     axes[1].set_title("the variance floor grows with the batch noise", fontsize=9)
-    C.caption(fig, activation="tanh", loss="squared", lam=lam, tau=tau, N=n_part, eta=eta,
-              extra=f"n = {n}, equal gradient cost {budget} epochs")
+    C.caption(fig, activation="tanh", loss="squared", lam=res["lam"], tau=res["tau"], N=res["n_part"], eta=res["eta"],
+              extra=f"n = {res['n']}, equal gradient cost {budget} epochs")
     C.savefig(fig, out / "minibatch.png")
-    wall = time.perf_counter() - t_wall
+
+
+def report(res: dict, out, *, wall: float) -> dict:
+    """``minibatch.csv``, ``stationary.csv``, ``report.md`` and ``summary.json``; returns the summary."""
+    cfg, rows, law, quick, budget = (res[k] for k in ("cfg", "rows", "law", "quick", "budget"))
+    n, n_part, eta, lam, tau, rec, m, start = (res[k] for k in ("n", "n_part", "eta", "lam", "tau", "rec", "m",
+                                                                 "start"))
+    i_full, i_mb, i_sv = res["i_full"], res["i_mb"], res["i_sv"]
+    z_mb_vs_full, z_svrg_vs_full = res["z_mb_vs_full"], res["z_svrg_vs_full"]
+    C.write_csv(out / "minibatch.csv", res["curves"])
+    C.write_csv(out / "stationary.csv", rows)
     F = rows["stationary_Fstar_minus_D"]
     reading = (f"At equal gradient cost ({budget} epochs each) the stationary F* - D is {F[i_full]:.3g} "
                f"(full batch), {F[i_mb]:.3g} (minibatch b={cfg['svrg_b']}, {z_mb_vs_full:+.1f} SE from full batch) "
@@ -254,7 +280,7 @@ def run(out_dir, quick: bool = False) -> dict:
                     f"N = {n_part}, eta = {eta}; the same start for every method; budget {budget} epochs of "
                     f"gradient cost per method (full batch: n per step; minibatch: b per step; SVRG: n per "
                     f"snapshot + 2b per inner step, {m} inner steps per snapshot, i.e. 3 epochs per outer loop). "
-                    f"F* = {opt.F_star:.8g} from the optimum solver (certified quadrature). "
+                    f"F* = {res['F_star']:.8g} from the optimum solver (certified quadrature). "
                     f"{'Quick' if quick else 'Full'} setting; wall time {wall:.0f} s."),
         ("What is measured", f"The certified F* - D(u_t) every {rec} epochs of gradient cost, and its stationary "
                              f"level: the mean over epochs > {start:g} with a batch-means standard error "
@@ -273,5 +299,5 @@ def run(out_dir, quick: bool = False) -> dict:
         ("Reading", reading),
     ], quick=quick, wall=wall,
                     files=["minibatch.png", "minibatch.csv (every record)", "stationary.csv"],
-                    stationary=rows, F_star=opt.F_star, variance_law=law, z_minibatch_vs_full=z_mb_vs_full,
+                    stationary=rows, F_star=res["F_star"], variance_law=law, z_minibatch_vs_full=z_mb_vs_full,
                     z_svrg_vs_full=z_svrg_vs_full)

@@ -103,6 +103,16 @@ def _cert_summary(est):
 
 
 def run(out_dir, quick: bool = False) -> dict:
+    out = C.out_path(out_dir)
+    t_wall = time.perf_counter()
+    res = compute(quick)
+    plot(res, out)
+    return report(res, out, wall=time.perf_counter() - t_wall)
+
+
+def compute(quick: bool = False) -> dict:
+    """Every method on every split of every data set: ``rows`` (one per fit), ``summ`` (per
+    data set and method), ``methods`` and ``info`` (the data sets' sizes and budgets)."""
     from sklearn.base import clone
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import accuracy_score, mean_squared_error
@@ -110,8 +120,6 @@ def run(out_dir, quick: bool = False) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    out = C.out_path(out_dir)
-    t_wall = time.perf_counter()
     S = _settings(quick)
     rows = {k: [] for k in ("dataset", "method", "split", "metric", "value", "r2", "fit_predict_s", "dual_lower",
                             "primal_upper", "gap", "ess", "pareto_k")}
@@ -172,10 +180,19 @@ def run(out_dir, quick: bool = False) -> dict:
                          primal_upper_mean=float(np.mean(col("primal_upper"))) if has_cert else math.nan,
                          ess_min=float(np.min(col("ess"))) if has_cert else math.nan,
                          pareto_k_max=float(np.max(col("pareto_k"))) if has_cert else math.nan)
+    return dict(quick=quick, settings=S, rows=rows, summ=summ, methods=methods, info=info)
+
+
+def plot(res: dict, out) -> None:
+    """``real_data.png``: the test metric per method and data set, and the fit + predict times."""
+    _figure(out, res["summ"], res["methods"])
+
+
+def report(res: dict, out, *, wall: float) -> dict:
+    """``runs.csv``, ``summary_table.csv``, ``report.md`` and ``summary.json``; returns the summary."""
+    S, rows, summ, methods, info, quick = (res[k] for k in ("settings", "rows", "summ", "methods", "info", "quick"))
     C.write_csv(out / "runs.csv", rows)
     C.write_csv(out / "summary_table.csv", summ)
-    _figure(out, summ, methods)
-    wall = time.perf_counter() - t_wall
 
     def best(ds):
         sel = [i for i in range(len(summ["mean"])) if summ["dataset"][i] == ds]

@@ -9,7 +9,7 @@ invariant under permutations of the coordinates). n training points, a fresh tes
 
 Methods, at every (d, n, seed):
 
-- **MFLD** (mfld's own :func:`mfld.dynamics.simulate`): N = 500 particles, tanh with bias, the
+- **MFLD** (mfld's own :func:`mfld.loop.simulate`): N = 500 particles, tanh with bias, the
   bounded output layer phi = r_out tanh(a) tanh(w . z + b) with r_out = 10 (Suzuki et al.'s
   R tanh(.) output parameterisation), fixed lam = 1e-3 and tau = 1e-4 (no annealing, so the
   free energy and its certificate refer to one fixed objective), eta = 0.05, T = 1,500 steps,
@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from mfld import dynamics, network
+from mfld import dynamics, loop, network
 from mfld.experiments import _common as C
 from mfld.problem import Problem
 
@@ -77,7 +77,7 @@ def run_mfld(x, y, xt, yt, *, n_particles=500, eta=0.05, steps=1500, seed=0, cer
     pb = Problem.create(x, y, activation="tanh", loss="logistic", lam=LAM, tau=TAU, bias=True, output="bounded",
                         r_out=R_OUT, x_test=xt, y_test=yt)
     st = dynamics.init_particles(pb, n_particles, seed)
-    st, _ = dynamics.simulate(pb, st, dynamics.Langevin(eta), steps, record_every=steps, recorder=_nothing,
+    st, _ = loop.simulate(pb, st, dynamics.Langevin(eta), steps, record_every=steps, recorder=_nothing,
                               record_initial=False)
     f_tr = np.asarray(network.predict(pb, st.a, st.w), np.float64)
     f_te = np.asarray(network.predict(pb, st.a, st.w, pb.x_test), np.float64)
@@ -224,6 +224,15 @@ def _settings(quick: bool) -> dict:
 def run(out_dir, quick: bool = False) -> dict:
     out = C.out_path(out_dir)
     t_wall = time.perf_counter()
+    res = compute(quick)
+    plot(res, out)
+    return report(res, out, wall=time.perf_counter() - t_wall)
+
+
+def compute(quick: bool = False) -> dict:
+    """MFLD and the kernel regime over the (d, n, seed) grid: ``rows`` (one per fit), ``certs``,
+    the test accuracies ``acc`` (method -> (d, n, seed) array), their bootstrap ``bs`` and the
+    tables of mean accuracy, n* and slopes."""
     S = _settings(quick)
     ds, ns, seeds = S["ds"], S["ns"], S["seeds"]
     eta = 0.05
@@ -265,13 +274,26 @@ def run(out_dir, quick: bool = False) -> dict:
                      boot_low=bs[m]["slope_low"], boot_high=bs[m]["slope_high"],
                      replicates_dropped=bs[m]["slope_replicates_dropped"], t_low=bs[m]["slope_t_low"],
                      t_high=bs[m]["slope_t_high"])
+    return dict(quick=quick, settings=S, eta=eta, rows=rows, certs=certs, acc=acc, bs=bs, mean_tab=mean_tab,
+                nstar_tab=nstar_tab, slope_tab=slope_tab)
+
+
+def plot(res: dict, out) -> None:
+    """``sparse_parity.png``: accuracy against n per d, and n*(d) with its intervals."""
+    S = res["settings"]
+    _figure(out, res["acc"], S["ds"], S["ns"], res["bs"])
+
+
+def report(res: dict, out, *, wall: float) -> dict:
+    """The CSV tables, ``report.md`` and ``summary.json``; returns the summary."""
+    S, eta, rows, certs, acc, bs, quick = (res[k] for k in ("settings", "eta", "rows", "certs", "acc", "bs", "quick"))
+    mean_tab, nstar_tab, slope_tab = res["mean_tab"], res["nstar_tab"], res["slope_tab"]
+    ds, ns, seeds = S["ds"], S["ns"], S["seeds"]
     C.write_csv(out / "runs.csv", rows)
     C.write_csv(out / "mean_accuracy.csv", mean_tab)
     C.write_csv(out / "n_star.csv", nstar_tab)
     C.write_csv(out / "slopes.csv", slope_tab)
     C.write_csv(out / "certificates.csv", certs)
-    _figure(out, acc, ds, ns, bs)
-    wall = time.perf_counter() - t_wall
 
     def fmt_n(v):
         c = censored(ns, v)
