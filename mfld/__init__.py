@@ -57,8 +57,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from mfld.duality import certify
     from mfld.dynamics import Langevin, ParticleState, StepInfo, init_particles, run_steps, step
     from mfld.errors import ConfigError, TheoryNotApplicable
-    from mfld.losses import Loss
     from mfld.loop import History, simulate
+    from mfld.losses import Loss
     from mfld.optimum import solve_optimum
     from mfld.problem import Problem
 
