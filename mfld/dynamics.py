@@ -39,12 +39,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mfld import network
+from mfld import choices, network
 from mfld.errors import ConfigError
 from mfld.noise import step_noise
 from mfld.problem import Problem
 
-SCHEMES = ("euler", "ou")
+SCHEMES = choices.SCHEMES
 TAU_SCHEDULES = ("constant", "log")
 
 
@@ -90,7 +90,7 @@ class Langevin:
         if self.memory_budget is not None and (int(self.memory_budget) != self.memory_budget
                                                or self.memory_budget < 1):
             raise ConfigError("memory budget must be a positive number of bytes",
-                              field="dynamics.memory_budget", value=self.memory_budget,
+                              field="memory_budget", value=self.memory_budget,
                               allowed="a positive integer or null (default 1 GiB)")
         if self.scheme not in SCHEMES:
             raise ConfigError("unknown scheme", field="dynamics.scheme", value=self.scheme,
@@ -132,7 +132,7 @@ def init_particles(problem: Problem, n_particles: int, seed: int = 0, *, a_scale
     ka, kw = jax.random.split(init_key)
     dtype = problem.x.dtype
     if problem.output == "fixed":
-        n_plus = int(round(plus_fraction * n_particles))
+        n_plus = choices.plus_count(plus_fraction, n_particles)
         a = jnp.where(jnp.arange(n_particles) < n_plus, 1.0, -1.0).astype(dtype)
     else:
         a = a_scale * jax.random.normal(ka, (n_particles,), dtype)

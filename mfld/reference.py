@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq
 
+from mfld import choices
 from mfld.errors import ConfigError
 
-SCHEMES = ("euler", "ou")
+SCHEMES = choices.SCHEMES
 
 # --------------------------------------------------------------------------------------------
 # No signal (y = 0)

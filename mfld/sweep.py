@@ -55,7 +55,7 @@ def grid(problem: Problem, stepper: Langevin, *, lam=None, tau=None, eta=None, s
     etas = [float(stepper.eta)] if eta is None else [float(v) for v in np.atleast_1d(eta)]
     seed_list = list(range(seed0, seed0 + int(seeds))) if np.isscalar(seeds) else [int(s) for s in seeds]
     if not seed_list:
-        raise ConfigError("need at least one seed", field="sweep.seeds", value=seeds)
+        raise ConfigError("need at least one seed", field="seeds", value=seeds)
     for name, vals, ok, allowed in [("objective.lam", lams, lambda v: v > 0, "lam > 0"),
                                     ("objective.tau", taus, lambda v: v >= 0, "tau >= 0"),
                                     ("dynamics.eta", etas, lambda v: v > 0, "eta > 0")]:
@@ -65,7 +65,7 @@ def grid(problem: Problem, stepper: Langevin, *, lam=None, tau=None, eta=None, s
     # every member has its own directory named by its label: duplicates (or values that the
     # label's 6 significant digits cannot tell apart) are refused before anything runs
     for name, vals in [("objective.lam", lams), ("objective.tau", taus), ("dynamics.eta", etas),
-                       ("sweep.seeds", seed_list)]:
+                       ("seeds", seed_list)]:
         labels = [f"{v:g}" for v in vals]
         dup = next((v for v, lab in zip(vals, labels, strict=True) if labels.count(lab) > 1), None)
         if dup is not None:
@@ -144,7 +144,7 @@ def run(problem: Problem, stepper: Langevin, members: list[Member], n_particles:
     """
     members = list(members)
     if not members:
-        raise ConfigError("empty sweep", field="sweep", allowed="at least one member")
+        raise ConfigError("empty sweep", field="members", allowed="at least one member")
     record_every = check_record_every(record_every)
     recorder = recorder or observables.record
     pb, state0, st = stack_members(problem, stepper, members, n_particles, init_kwargs or {})

@@ -75,15 +75,16 @@ def test_sweep_validates_values():
         sweep.grid(problem, Langevin(0.1), lam=[0.1, -1.0])
     with pytest.raises(ConfigError, match="dynamics.eta"):
         sweep.grid(problem, Langevin(0.1), eta=[0.0])
-    with pytest.raises(ConfigError, match="sweep"):
+    with pytest.raises(ConfigError, match="members"):
         sweep.run(problem, Langevin(0.1), [], 10, 1)
     # each member has a directory named by its label: duplicates are refused before running
     with pytest.raises(ConfigError, match="objective.tau"):
         sweep.grid(problem, Langevin(0.1), tau=[0.01, 0.02, 0.01])
     with pytest.raises(ConfigError, match="dynamics.eta"):
         sweep.grid(problem, Langevin(0.1), eta=[0.1, 0.1000000001])
-    with pytest.raises(ConfigError, match="sweep.seeds"):
+    with pytest.raises(ConfigError, match="seeds") as err:
         sweep.grid(problem, Langevin(0.1), seeds=[3, 3])
+    assert err.value.field == "seeds"  # the argument's name: no config path holds the seeds
     assert dynamics.Langevin(0.1).memory_budget is None
 
 
