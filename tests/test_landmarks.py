@@ -281,6 +281,25 @@ def test_real_data_quick(tmp_path):
     assert (p / "real_data.png").exists()
 
 
+def test_real_data_report_says_withheld_not_missing(tmp_path):
+    # a Monte Carlo certificate that ran but was withheld (ESS below the threshold) is reported
+    # as withheld with its diagnostics; "not computed" is kept for fits without a certificate.
+    # The numbers are the session-4 full run's breast-cancer fits at tau = 1e-2.
+    pytest.importorskip("sklearn")
+    from mfld.experiments import real_data
+
+    res = real_data.compute(quick=True)
+    summ = res["summ"]
+    i = next(j for j in range(len(summ["method"]))
+             if summ["dataset"][j] == "breast_cancer" and summ["method"][j] == "MFLD (tau=1e-2)")
+    summ["gap_mean"][i], summ["ess_min"][i], summ["pareto_k_max"][i] = math.nan, 4992.3, 0.31
+    real_data.report(res, tmp_path, wall=1.0)
+    text = (tmp_path / "report.md").read_text()
+    assert ("breast_cancer/MFLD (tau=1e-2): withheld in at least one split (ESS down to 4.99e+03, Pareto k "
+            "up to 0.31") in text
+    assert "digits/MFLD: not computed" in text  # the quick setting certifies nothing
+
+
 @pytest.mark.slow
 def test_lazy_vs_mean_field_full_acceptance(tmp_path):
     # the acceptance on the full setting (d = 60; ~7 CPU minutes): RF > NT > NN at every
