@@ -119,6 +119,12 @@ class Problem:
         """Dimension D of a trained particle: p + 1, or p for a fixed output layer."""
         return self.p + (0 if self.output == "fixed" else 1)
 
+    def astype(self, dtype) -> Problem:
+        """A copy with the data (x, y and the test set) in ``dtype`` (e.g. float64 for a check
+        in a scoped x64 context on float32 data; float32 -> float64 is exact)."""
+        cast = lambda a: None if a is None else jnp.asarray(a, dtype=dtype)  # noqa: E731
+        return self.replace(x=cast(self.x), y=cast(self.y), x_test=cast(self.x_test), y_test=cast(self.y_test))
+
     def replace(self, **kw) -> Problem:
         """A copy with some fields changed (e.g. ``problem.replace(tau=0.05)``); not re-validated."""
         return dataclasses.replace(self, **kw)

@@ -34,7 +34,9 @@ def drift_curvature(problem, a, w, *, iters: int = 60, seed: int = 0) -> float:
     with jax.enable_x64(True):
         import jax.numpy as jnp
 
-        return _drift_curvature(problem, jnp.asarray(a, jnp.float64), jnp.asarray(w, jnp.float64), iters, seed)
+        # the data too (float32 data with float64 particles is an implicit promotion)
+        return _drift_curvature(problem.astype(jnp.float64), jnp.asarray(a, jnp.float64), jnp.asarray(w, jnp.float64),
+                                iters, seed)
 
 
 def _drift_curvature(problem, a, w, iters, seed):
