@@ -45,7 +45,7 @@ from mfld.noise import step_noise
 from mfld.problem import Problem
 
 SCHEMES = choices.SCHEMES
-TAU_SCHEDULES = ("constant", "log")
+TAU_SCHEDULES = choices.TAU_SCHEDULES
 
 
 class ParticleState(NamedTuple):

@@ -51,6 +51,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from mfld import choices
+
 __all__ = ["MFLDRegressor", "MFLDClassifier"]
 
 _PREDICT_BLOCK = 1 << 22  # (particles x rows) entries per block of the NumPy forward pass
@@ -105,8 +107,8 @@ class _MFLDBase(BaseEstimator):
         number("r_out", 0.0, True)
         if self.batch_size is not None:
             positive_int("batch_size")
-        if self.output not in ("trained", "fixed", "bounded"):
-            raise ValueError(f"output must be 'trained', 'fixed' or 'bounded', got {self.output!r}")
+        if self.output not in choices.OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(choices.OUTPUTS)}, got {self.output!r}")
 
     def _seed(self, rs) -> int:
         return int(rs.randint(0, 2 ** 31 - 1))

@@ -269,7 +269,7 @@ def test_the_vocabulary_matches_every_registry():
     assert tuple(activations_numpy.NUMPY_FORMS) == choices.ACTIVATIONS
     assert tuple(losses.LOSSES) == choices.LOSSES
     assert tuple(data.GENERATORS) == choices.DATA_KINDS
-    assert dynamics.SCHEMES == choices.SCHEMES
+    assert dynamics.SCHEMES == choices.SCHEMES and dynamics.TAU_SCHEDULES == choices.TAU_SCHEDULES
     assert problem.OUTPUTS == choices.OUTPUTS and problem.SCALINGS == choices.SCALINGS
     assert gibbs.METHODS == choices.CERTIFY_METHODS and gibbs.PROPOSALS == choices.PROPOSALS
     # the config accepts exactly these names
