@@ -42,3 +42,11 @@ def test_contenders_take_mfld_s_step_in_float64(contender):
     scale = max(np.abs(a_ref).max(), np.abs(w_ref).max())
     np.testing.assert_allclose(a_o, a_ref, rtol=0, atol=1e-12 * scale)
     np.testing.assert_allclose(w_o, w_ref, rtol=0, atol=1e-12 * scale)
+
+
+def test_a_row_is_publishable_by_its_foreign_load_not_the_lagging_load_average():
+    # the 1-minute load average before a row counts the benchmark's own previous row (1-2 on an
+    # otherwise idle 2-core machine); the foreign load is what other processes took
+    pub = _bench().publishable
+    assert pub({"foreign_load": 0.01, "load_avg_before": 1.6}, 0.5)
+    assert not pub({"foreign_load": 0.8, "load_avg_before": 0.1}, 0.5)
