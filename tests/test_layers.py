@@ -9,6 +9,7 @@ the CLI or the experiments; ``mfld.sklearn`` and ``mfld.cli`` are adapters on to
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,12 @@ def _modules(root: Path = PKG) -> dict[str, Path]:
     return {_modname(p): p for p in sorted(root.rglob("*.py"))}
 
 
+@functools.cache
+def _tree(path: Path) -> ast.Module:
+    """The parsed source of ``path`` (each file is read by several checks; parsed once)."""
+    return ast.parse(path.read_text())
+
+
 def _is_type_checking(node: ast.If) -> bool:
     t = node.test
     return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
@@ -45,7 +52,7 @@ def _is_type_checking(node: ast.If) -> bool:
 
 def _imports(path: Path, modname: str):
     """(imported module, imported name or None, line) for every import outside TYPE_CHECKING."""
-    tree = ast.parse(path.read_text())
+    tree = _tree(path)
     pkg = modname if path.name == "__init__.py" else modname.rpartition(".")[0]
     out = []
 
@@ -149,7 +156,7 @@ def private_violations(modules) -> list[str]:
                 own_package_module = f"{mod}.{name}" in modules and mod == pkg
                 if not own_package_module:
                     bad.append(f"{path.relative_to(ROOT)}:{line} imports {mod}.{name}")
-        tree = ast.parse(path.read_text())
+        tree = _tree(path)
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mfld"):
                 for a in node.names:
@@ -171,7 +178,7 @@ def long_functions(modules, max_lines: int = MAX_LINES) -> list[str]:
     for m, path in modules.items():
         if m.startswith("mfld.experiments"):
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_tree(path)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
                 if n > max_lines:
@@ -181,7 +188,7 @@ def long_functions(modules, max_lines: int = MAX_LINES) -> list[str]:
 
 def wide_functions(path: Path, max_params: int = RUNNER_MAX_PARAMS, exempt=()) -> list[str]:
     bad = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in exempt:
             args = node.args
             names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
@@ -288,7 +295,7 @@ def test_the_vocabulary_matches_every_registry():
 def test_the_type_checking_imports_of_the_package_match_its_lazy_exports():
     import mfld
 
-    tree = ast.parse((PKG / "__init__.py").read_text())
+    tree = _tree(PKG / "__init__.py")
     block = next(n for n in tree.body if isinstance(n, ast.If) and _is_type_checking(n))
     seen = {a.name: n.module for n in block.body for a in n.names}
     assert seen == mfld._EXPORTS

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,17 @@ def out_path(out_dir) -> Path:
     p = Path(out_dir)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def run_stages(compute, plot, report, out_dir, quick: bool) -> dict:
+    """An experiment's ``run``: ``compute(quick)``, ``plot(res, out)``, then ``report(res, out,
+    wall=...)`` with the wall time of all three; a dict that ``plot`` returns is passed on to
+    ``report`` as keywords (what a figure says that the report repeats). Returns the summary."""
+    out = out_path(out_dir)
+    t_wall = time.perf_counter()
+    res = compute(quick)
+    shown = plot(res, out) or {}
+    return report(res, out, wall=time.perf_counter() - t_wall, **shown)
 
 
 def write_csv(path, columns: dict) -> Path:

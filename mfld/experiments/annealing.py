@@ -15,7 +15,6 @@ tables are averages over log-spaced time windows (single records fluctuate by O(
 from __future__ import annotations
 
 import math
-import time
 
 import jax
 import numpy as np
@@ -59,11 +58,7 @@ def annealed_verdict(wm) -> str:
 
 
 def run(out_dir, quick: bool = False) -> dict:
-    out = C.out_path(out_dir)
-    t_wall = time.perf_counter()
-    res = compute(quick)
-    f0_title = plot(res, out)
-    return report(res, out, wall=time.perf_counter() - t_wall, figure_title_F0=f0_title)
+    return C.run_stages(compute, plot, report, out_dir, quick)
 
 
 def compute(quick: bool = False) -> dict:
@@ -108,9 +103,10 @@ def compute(quick: bool = False) -> dict:
                 n=len(ds.y), D=D, runs=list(runs), edges=edges, curves=curves, rows=rows)
 
 
-def plot(res: dict, out) -> str:
+def plot(res: dict, out) -> dict:
     """``annealing.png`` (window-averaged F_0 and risk, the schedules); returns the F_0 panel's
-    title (it states the plateaus and what the annealed run did)."""
+    title as ``figure_title_F0`` (it states the plateaus and what the annealed run did; the
+    report repeats it)."""
     curves, rows, edges = res["curves"], res["rows"], res["edges"]
     plt = C.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
@@ -144,7 +140,7 @@ def plot(res: dict, out) -> str:
     C.caption(fig, activation="tanh", loss="squared", lam=res["lam"], tau=res["c"], N=res["n_part"], eta=res["eta"],
               steps=res["steps"], extra=f"tau_t = {res['c']:g}/log(t+e) for the annealed run")
     C.savefig(fig, out / "annealing.png")
-    return f0_title
+    return {"figure_title_F0": f0_title}
 
 
 def report(res: dict, out, *, wall: float, figure_title_F0: str) -> dict:

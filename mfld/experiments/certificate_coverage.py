@@ -26,7 +26,6 @@ ESS below max(100, 10 %) or Pareto k_hat > 0.7); coverage is over the reported s
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import jax
@@ -153,11 +152,7 @@ def cases(quick: bool) -> list[Case]:
 
 
 def run(out_dir, quick: bool = False) -> dict:
-    out = C.out_path(out_dir)
-    t0 = time.perf_counter()
-    res = compute(quick)
-    plot(res, out)
-    return report(res, out, wall=time.perf_counter() - t0)
+    return C.run_stages(compute, plot, report, out_dir, quick)
 
 
 def compute(quick: bool = False, seeds: int = 200) -> dict:

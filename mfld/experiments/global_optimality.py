@@ -11,8 +11,6 @@ time average over the last quarter of the run with its spread.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,11 +43,7 @@ def _risk(pb, s):
 
 
 def run(out_dir, quick: bool = False) -> dict:
-    out = C.out_path(out_dir)
-    t_wall = time.perf_counter()
-    res = compute(quick)
-    plot(res, out)
-    return report(res, out, wall=time.perf_counter() - t_wall)
+    return C.run_stages(compute, plot, report, out_dir, quick)
 
 
 def compute(quick: bool = False) -> dict:

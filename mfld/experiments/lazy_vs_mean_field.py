@@ -59,7 +59,6 @@ class) from one due to the SGD noise.
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 
@@ -408,11 +407,7 @@ def tolerance(opt: float) -> float:
 
 
 def run(out_dir, quick: bool = False) -> dict:
-    out = C.out_path(out_dir)
-    t_wall = time.perf_counter()
-    res = compute(quick)
-    plot(res, out)
-    return report(res, out, wall=time.perf_counter() - t_wall)
+    return C.run_stages(compute, plot, report, out_dir, quick)
 
 
 def compute(quick: bool = False) -> dict:

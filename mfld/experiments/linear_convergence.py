@@ -18,7 +18,6 @@ THEORY 5: measured rates are not expected to equal the bound or 2 lam.
 from __future__ import annotations
 
 import math
-import time
 
 import jax
 import numpy as np
@@ -47,11 +46,7 @@ def _data(seed=0, n=16):
 
 
 def run(out_dir, quick: bool = False) -> dict:
-    out = C.out_path(out_dir)
-    t_wall = time.perf_counter()
-    res = compute(quick)
-    plot(res, out)
-    return report(res, out, wall=time.perf_counter() - t_wall)
+    return C.run_stages(compute, plot, report, out_dir, quick)
 
 
 def compute(quick: bool = False) -> dict:

@@ -20,8 +20,6 @@ the kernel change stay O(1) (feature learning) and the network is not the kernel
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,11 +118,7 @@ def _nothing(pb, s):
 
 
 def run(out_dir, quick: bool = False) -> dict:
-    out = C.out_path(out_dir)
-    t_wall = time.perf_counter()
-    res = compute(quick)
-    plot(res, out)
-    return report(res, out, wall=time.perf_counter() - t_wall)
+    return C.run_stages(compute, plot, report, out_dir, quick)
 
 
 def compute(quick: bool = False) -> dict:

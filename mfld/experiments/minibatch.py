@@ -23,7 +23,6 @@ The full setting sweeps b to check that law.
 from __future__ import annotations
 
 import math
-import time
 from functools import partial
 
 import jax
@@ -86,11 +85,7 @@ def _stationary(epochs, g, start, n_blocks: int = 10):
 
 
 def run(out_dir, quick: bool = False) -> dict:
-    out = C.out_path(out_dir)
-    t_wall = time.perf_counter()
-    res = compute(quick)
-    plot(res, out)
-    return report(res, out, wall=time.perf_counter() - t_wall)
+    return C.run_stages(compute, plot, report, out_dir, quick)
 
 
 def compute(quick: bool = False) -> dict:

@@ -103,11 +103,7 @@ def _cert_summary(est):
 
 
 def run(out_dir, quick: bool = False) -> dict:
-    out = C.out_path(out_dir)
-    t_wall = time.perf_counter()
-    res = compute(quick)
-    plot(res, out)
-    return report(res, out, wall=time.perf_counter() - t_wall)
+    return C.run_stages(compute, plot, report, out_dir, quick)
 
 
 def compute(quick: bool = False) -> dict:
