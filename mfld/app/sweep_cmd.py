@@ -37,6 +37,7 @@ from pathlib import Path
 from mfld import config as cfgmod
 from mfld.app import inputs, rundir
 from mfld.errors import ConfigError
+from mfld.serialize import jsonable
 
 GRID_KEYS = {"tau": "objective.tau", "lam": "objective.lam", "eta": "dynamics.eta"}
 
@@ -120,7 +121,7 @@ def run_sweep(config, overrides, grid_items, seeds: int, out, *, resume: bool = 
 def _plan(cfg, grid, seeds) -> dict:
     c = cfg.to_dict()
     c.get("record", {}).pop("progress", None)  # may change on resume
-    return json.loads(json.dumps(rundir.jsonable({"config": c, "grid": grid, "seeds": int(seeds)})))
+    return json.loads(json.dumps(jsonable({"config": c, "grid": grid, "seeds": int(seeds)})))
 
 
 def _check_resumable(out: Path, plan: dict):

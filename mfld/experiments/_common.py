@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from mfld.app import plots as _plots
-from mfld.app.rundir import atomic_write_text, jsonable
+from mfld.app.rundir import atomic_write_text
+from mfld.serialize import jsonable
 
 
 def out_path(out_dir) -> Path:
