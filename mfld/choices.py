@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "ACTIVATIONS", "OUTPUTS", "SCALINGS", "LOSSES", "SCHEMES", "TAU_SCHEDULES", "CERTIFY_METHODS",
-    "PROPOSALS", "PRECISIONS", "DATA_KINDS", "plus_count",
+    "PROPOSALS", "PRECISIONS", "DATA_KINDS", "closed_form_applies", "plus_count",
 ]
 
 #: Registered activations (:data:`mfld.activations.ACTIVATIONS`, with NumPy forms in
@@ -34,6 +34,12 @@ PROPOSALS = ("adapted", "prior")
 PRECISIONS = ("float32", "float64")
 #: Data generators (:data:`mfld.data.GENERATORS`).
 DATA_KINDS = ("teacher_student", "single_index", "gaussian_mixture", "sparse_parity", "sklearn", "file")
+
+
+def closed_form_applies(linear: bool, output: str) -> bool:
+    """Whether the certificate's Gibbs integral has a closed form: a (registered) linear
+    activation with a trained or fixed output layer (the Gibbs measure is Gaussian)."""
+    return bool(linear) and output in ("trained", "fixed")
 
 
 def plus_count(plus_fraction: float, n: int) -> int:

@@ -146,8 +146,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _closed_form_applies(self):
-        if self.record.certify_method == "closed_form" and not (
-                self.model.activation == "linear" and self.model.output in ("trained", "fixed")):
+        if self.record.certify_method == "closed_form" and not choices.closed_form_applies(
+                self.model.activation == "linear", self.model.output):
             raise ConfigError("the closed form of the certificate needs the linear activation and a trained or "
                               f"fixed output layer (this config: activation {self.model.activation}, output "
                               f"{self.model.output})", field="record.certify_method", value="closed_form",

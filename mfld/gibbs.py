@@ -801,10 +801,10 @@ def choose_method(spec: GibbsSpec, method: str) -> str:
         raise ConfigError("unknown certificate method", field="record.certify_method", value=method,
                           allowed=", ".join(METHODS))
     if method == "auto":
-        if spec.linear and spec.output in ("trained", "fixed"):
+        if choices.closed_form_applies(spec.linear, spec.output):
             return "closed_form"
         return "quadrature" if spec.p <= QUAD_MAX_DIM else "mc"
-    if method == "closed_form" and not (spec.linear and spec.output in ("trained", "fixed")):
+    if method == "closed_form" and not choices.closed_form_applies(spec.linear, spec.output):
         raise ConfigError("the closed form needs the linear activation and a trained or fixed output layer",
                           field="record.certify_method", value=method, allowed="auto, quadrature, mc")
     if method == "quadrature" and spec.p > QUAD_MAX_DIM:
