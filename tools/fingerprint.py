@@ -13,8 +13,8 @@ hashed (SHA-256), figures included, after removing what is a clock reading rathe
 ``created``, keys ending in ``_s``, which hold seconds; in ``.mfld-run`` the checksum of
 ``env.json``), wall-time phrases and time columns of tables in reports; ``real_data.png``
 (a panel of wall times) is not hashed. Two fingerprints of one commit agree (checked with
-``--compare`` against a second run); a difference names the file and, for CSV/JSON, the first
-differing field.
+``--compare`` against a second run); a difference names the file (keep the outputs with
+``--keep`` on both sides to compare its contents).
 
 The hashes depend on the machine (CPU thread count, jaxlib build): compare runs on one machine.
 """
