@@ -221,13 +221,27 @@ def make_torch_analytic(x, y, a, w, dtype="float32", tau=TAU):
 
 
 def _timed(run, target, inner, settle):
-    """Warm up (compile), calibrate k steps to ~target seconds, then time ``inner`` calls."""
-    run(1)
-    t = time.perf_counter()
-    run(1)
-    dt = max(time.perf_counter() - t, 1e-6)
-    k = max(1, int(target / dt))
-    run(k)  # mfld: compiles the k-step scan
+    """Warm up (compile), calibrate k steps to ~target seconds, then time ``inner`` calls.
+
+    mfld compiles one program per segment length and two per length (the first segment does
+    not donate the caller's state, later ones do), so the calibration times a call only after
+    both programs of that length are compiled, and grows k until a call lasts target / 4: a
+    step timed alone would be dominated by dispatch (small sizes) or, timed on its first
+    donated call, by compilation (the bug that made calls of k = 1 step before 2026-12-01).
+    """
+    k = 1
+    while True:
+        run(k)
+        run(k)  # both programs of this segment length are compiled now
+        t = time.perf_counter()
+        run(k)
+        dt = max(time.perf_counter() - t, 1e-9)
+        if dt >= target / 4 or k >= 1 << 20:
+            break
+        k = min(1 << 20, max(2 * k, int(k * target / (2 * dt))))
+    k = max(1, int(k * target / dt))
+    run(k)
+    run(k)  # compile the final length (both programs)
     walls, cpus = [], []
     for _ in range(inner):
         time.sleep(settle)  # let BLAS/OpenMP pool threads of the warm-up stop spinning
