@@ -7,6 +7,8 @@ Gaussian noise (float32; the fp64 table: float64). Contenders:
 
 - ``mfld``: ``mfld.dynamics`` jitted ``lax.scan`` segments (the library's own code path);
 - ``mfld_unfused``: the same with ``MFLD_XLA_DOT_FUSION=0`` (no mfld XLA options);
+- ``mfld_xla``: the same with ``MFLD_KERNELS=0`` (XLA's blocked drift instead of the compiled
+  tanh kernels of :mod:`mfld.kernels`; only on rows where those apply, p = d + 1 <= 9);
 - ``numpy``: the step a careful researcher writes by hand (in-place tanh, BLAS GEMMs);
 - ``torch_naive``: ``nn.Module`` + autograd of the finite loss, manual noisy update;
 - ``torch_analytic``: the analytic drift in torch (``addmm``, in-place ``tanh_``, ``mv``, no
@@ -62,9 +64,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = [(256, 10, 1024), (1024, 50, 4096), (4096, 100, 16384), (512, 2, 100000)]
 FP64_GRID = [(1024, 10, N) for N in (256, 1024, 4096, 16384, 65536, 131072)]
-CONTENDERS = ["mfld", "numpy", "torch_naive", "torch_analytic", "mfld_unfused"]
+CONTENDERS = ["mfld", "numpy", "torch_naive", "torch_analytic", "mfld_unfused", "mfld_xla"]
 FP64_CONTENDERS = ["mfld64", "numpy64"]
 ETA, LAM, TAU = 0.01, 0.1, 0.01
+MAX_KERNEL_FEATURES = 9  # mfld.kernels.MAX_FEATURES (not imported: the parent process stays JAX-free)
 
 
 # ================================================================== child: one measurement
@@ -258,23 +261,26 @@ def child_contender(spec):
     name, dtype = spec["name"], spec.get("dtype", "float32")
     if name == "mfld_unfused":
         os.environ["MFLD_XLA_DOT_FUSION"] = "0"
+    if name == "mfld_xla":
+        os.environ["MFLD_KERNELS"] = "0"
     if name.startswith("torch"):
         import torch
 
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
     x, y, a, w = data(spec["n"], spec["d"], spec["N"], dtype)
-    maker = {"mfld": make_mfld, "mfld_unfused": make_mfld, "mfld64": make_mfld, "numpy": make_numpy,
-             "numpy64": make_numpy, "torch_naive": make_torch_naive,
+    maker = {"mfld": make_mfld, "mfld_unfused": make_mfld, "mfld_xla": make_mfld, "mfld64": make_mfld,
+             "numpy": make_numpy, "numpy64": make_numpy, "torch_naive": make_torch_naive,
              "torch_analytic": make_torch_analytic}[name]
     run = maker(x, y, a, w, dtype)
     out = _timed(run, spec["target"], spec["inner"], spec["settle"])
     if name.startswith("mfld"):
-        from mfld import blocking, xla
+        from mfld import blocking, kernels, xla
 
         out["plan"] = list(blocking.plan_chunks(spec["N"], spec["n"], 8 if dtype == "float64" else 4,
                                                 n_features=spec["d"] + 1))
         out["xla_options"] = xla.compiler_options()
+        out["kernels"] = kernels.status()
     out["maxrss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
     return out
 
@@ -521,11 +527,13 @@ def main_parent(args):
                       if have_torch or not c.startswith("torch")]
         grid = GRID if not args.only else [tuple(int(v) for v in r.split(",")) for r in args.only.split(";")]
         hdr = (f"{'n, d, N':>17} | {'mfld steps/s (min-max)':>24} | {'x numpy':>17} | {'x torch naive':>17} | "
-               f"{'x torch analytic':>17} | {'x unfused':>17} | {'GEMM %':>6} | {'act %':>5} | load")
+               f"{'x torch analytic':>17} | {'x unfused':>17} | {'x XLA path':>17} | {'GEMM %':>6} | "
+               f"{'act %':>5} | load")
         print(f"\nfp32, {threads} threads; ratios: median over rounds (range)\n{hdr}\n{'-' * len(hdr)}", flush=True)
         for row in grid:
-            r = bench_row(args, row, contenders)
             n, d, N = row
+            # the kernels (mfld.kernels) apply to thin features only: elsewhere mfld_xla is mfld
+            r = bench_row(args, row, [c for c in contenders if c != "mfld_xla" or d + 1 <= MAX_KERNEL_FEATURES])
             sps = r["steps_per_s"]
             m = sps.get("mfld")
             r["gemm_share"] = None if m is None else 4 * n * d * N * m["median"] / ceil["gemm_float32_flops"]
@@ -546,6 +554,7 @@ def main_parent(args):
                   f"{fmt_ratio(r['ratios'].get('torch_naive')):>17} | "
                   f"{fmt_ratio(r['ratios'].get('torch_analytic')):>17} | "
                   f"{fmt_ratio(r['ratios'].get('mfld_unfused')):>17} | "
+                  f"{fmt_ratio(r['ratios'].get('mfld_xla')):>17} | "
                   f"{gemm_txt:>6} | {act_txt:>5} | "
                   f"avg {ld['load_avg_before']:.1f}->{ld['load_avg_after']:.1f} foreign {ld['foreign_load']:.2f}"
                   f"{'' if r['publishable'] else ' LOADED'}", flush=True)
@@ -555,6 +564,7 @@ def main_parent(args):
                       f"{fmt_ratio(r['ratios_cpu'].get('torch_naive')):>17} | "
                       f"{fmt_ratio(r['ratios_cpu'].get('torch_analytic')):>17} | "
                       f"{fmt_ratio(r['ratios_cpu'].get('mfld_unfused')):>17} | "
+                      f"{fmt_ratio(r['ratios_cpu'].get('mfld_xla')):>17} | "
                       f"{100 * r['gemm_share_cpu']:>6.0f} | {100 * r['activation_share_cpu']:>5.0f} |", flush=True)
     if not args.no_fp64:
         grid = FP64_GRID if not args.fp64_only else [(1024, 10, int(v)) for v in args.fp64_only.split(",")]
@@ -625,9 +635,9 @@ def report(path):
     for label, rate, rat, gs, acts in kinds:
         print(f"fp32, {T} thread(s), {label}: median over rounds (min-max)\n")
         unit = "s" if label == "wall" else "CPU-s"
-        print(f"| n, d, N | mfld steps/{unit} | x NumPy | x naive torch | x analytic torch | x unfused | GEMM share "
-              "| activation share | foreign load | publishable |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print(f"| n, d, N | mfld steps/{unit} | x NumPy | x naive torch | x analytic torch | x unfused | x XLA path "
+              "| GEMM share | activation share | foreign load | publishable |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in res["fp32"]:
             m = r[rate].get("mfld")
             mt = "-" if m is None else f"{m['median']:.3g} ({m['min']:.3g}-{m['max']:.3g})"
@@ -635,7 +645,8 @@ def report(path):
             act = "-" if r.get(acts) is None else f"{100 * r[acts]:.0f} %"
             print(f"| {r['n']}, {r['d']}, {r['N']} | {mt} | {_md_ratio(r[rat].get('numpy'))} | "
                   f"{_md_ratio(r[rat].get('torch_naive'))} | {_md_ratio(r[rat].get('torch_analytic'))} | "
-                  f"{_md_ratio(r[rat].get('mfld_unfused'))} | {share} | {act} | {r['load']['foreign_load']:.2f} | "
+                  f"{_md_ratio(r[rat].get('mfld_unfused'))} | {_md_ratio(r[rat].get('mfld_xla'))} | "
+                  f"{share} | {act} | {r['load']['foreign_load']:.2f} | "
                   f"{'yes' if publishable(r['load'], max_load) else 'no (LOADED)'} |")
         print()
     if res["fp64"]:

@@ -17,6 +17,11 @@ within a memory budget and a block's activations stay in cache. Two blocked eval
   pass recomputes ``w x^T`` blockwise -- three GEMMs, cheap when p is small (the elementwise
   work, not the GEMM, is the cost there, and it stays in cache).
 
+For tanh networks with thin features (p <= 9) in float32 on CPU, :func:`interaction` hands
+the two particle sums to the compiled kernels of :mod:`mfld.kernels` instead (one pass per
+sum, tanh once per pair and pass, nothing of size (N, m) in memory); the blocking then does
+not apply.
+
 Autodiff of :func:`finite_loss` is the test oracle, and :func:`autodiff_drift` is the drift
 computed that way.
 
@@ -33,6 +38,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mfld import kernels
 from mfld.blocking import ChunkPlan, plan_chunks
 from mfld.problem import Problem
 
@@ -183,6 +189,18 @@ def _data_blocked(problem, a_eff, w, x, y, scale, plan: ChunkPlan, axis_name):
     return f.reshape(-1)[:m], u.reshape(-1)[:m], gsum, hsum
 
 
+def _kernel_sums(problem, a_eff, w, x, y, scale, axis_name):
+    """(f, u, G, H) from :mod:`mfld.kernels` (tanh, p <= 9, float32 on CPU): one pass per
+    sum, no block of pre-activations in memory."""
+    fsum = kernels.tanh_sums_forward(w, a_eff, x)
+    if axis_name is not None:
+        fsum = jax.lax.psum(fsum, axis_name)
+    f = scale * fsum
+    u = problem.loss.derivative(f, y)
+    gsum, hsum = kernels.tanh_sums_backward(w, x, u)
+    return f, u, gsum, hsum
+
+
 def interaction(problem: Problem, a, w, x=None, y=None, *, n_particles=None, active=None,
                 plan: ChunkPlan | None = None, memory_budget: int | None = None,
                 axis_name=None) -> Interaction:
@@ -212,7 +230,9 @@ def interaction(problem: Problem, a, w, x=None, y=None, *, n_particles=None, act
     if plan is None:
         plan = plan_chunks(w.shape[0], m, x.dtype.itemsize, n_features=x.shape[1],
                            memory_budget=memory_budget)
-    if plan.particles >= w.shape[0] and plan.data >= m:
+    if kernels.applies(act, x):  # thin features, tanh: the compiled one-pass sums
+        f, u, gsum, hsum = _kernel_sums(problem, a_eff, w, x, y, scale, axis_name)
+    elif plan.particles >= w.shape[0] and plan.data >= m:
         # one block: sigma and sigma' together, the forward activations reused backwards
         s, ds = act.value_and_derivative(w @ x.T)  # (N, m) each
         fsum = a_eff @ s

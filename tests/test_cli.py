@@ -62,6 +62,8 @@ def test_run_directory_files(tiny_run, capsys):
     assert env["cpu_threads"] == cpu_threads() >= 1  # block sizes (and so rounding) follow it
     from mfld.xla import compiler_options
     assert env["xla_compiler_options"] == compiler_options()  # float32 rounding depends on them
+    from mfld.kernels import status as kernel_status
+    assert env["kernels"] == kernel_status()  # so does the compiled tanh kernel (mfld.kernels)
 
     run = mfld.load_run(out)
     m = run.metrics

@@ -459,6 +459,7 @@ def environment(seed: int, precision: str) -> dict:
 
     import mfld
     from mfld.blocking import cpu_threads
+    from mfld.kernels import status as kernel_status
     from mfld.xla import compiler_options
 
     return {
@@ -478,6 +479,8 @@ def environment(seed: int, precision: str) -> dict:
         "cpu_threads": cpu_threads(),
         # XLA options the programs were compiled with (mfld.xla; change float32 rounding only)
         "xla_compiler_options": compiler_options(),
+        # the compiled tanh kernels of thin-feature drifts (mfld.kernels): "on" or why not
+        "kernels": kernel_status(),
         "x64": bool(jax.config.jax_enable_x64),
         "precision": precision,
         "seed": seed,

@@ -1,0 +1,281 @@
+// The two particle sums of a tanh network's drift, for thin features (p <= 9), as XLA FFI
+// custom calls on CPU (mfld/kernels.py registers and calls them; docs/performance.md).
+//
+//   forward:  F_j = sum_i a_i tanh(w_i . x_j)                      (m,)
+//   backward: G_i = sum_j u_j tanh(w_i . x_j)                       (N,)
+//             H_i = sum_j u_j (1 - tanh(w_i . x_j)^2) x_j           (p, N)
+//
+// Each pass evaluates z = w_i . x_j and tanh(z) in registers and accumulates at once: no
+// (N, m) array is written, and tanh is evaluated once per pair and pass (the backward pass
+// takes sigma' = 1 - t^2 from the same t). Particles are the vector lanes (8 floats);
+// w arrives transposed, (p, N_pad), with N_pad a multiple of 16 (the caller pads with zero
+// rows; a zero a_i adds nothing to F).
+//
+// Determinism: the work is cut into chunks that depend on the shapes only (never on the
+// thread count), each output element is summed by one chunk in a fixed order, and the
+// forward pass adds its per-range partial sums in range order. So the results are
+// bit-identical for any number of threads; the threads are those of XLA's intra-op pool
+// (the FFI ThreadPool context), so `--threads` / process pinning apply as to XLA's own ops.
+//
+// tanh: the rational approximation XLA's CPU backend uses for float32 (clamp to
+// +-7.90531110763549805, odd degree-13 numerator over even degree-6 denominator, tanh(x) = x
+// for |x| < 0.0004), evaluated with exact division; tests/test_kernels.py measures its error
+// against float64 tanh.
+//
+// On x86-64 the loops are compiled twice (AVX2 + FMA and baseline) and the loader picks the
+// one this CPU runs (GCC/Clang target_clones); elsewhere the compiler's default vector code.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+
+#define MFLD_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MFLD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MFLD_CLONES
+#endif
+
+constexpr int kLanes = 8;
+constexpr int kUnroll = 2;                     // particle vectors per inner iteration
+constexpr int kGroup = kLanes * kUnroll;       // N_pad is a multiple of this
+constexpr int kDataBlock = 32;                 // forward: data rows per chunk
+constexpr int64_t kMinRange = 1 << 16;         // forward: particles per range (at least)
+constexpr int64_t kMaxRanges = 64;             // forward: ranges (at most)
+constexpr int64_t kBackwardChunk = 256;        // backward: particles per chunk
+
+MFLD_INLINE v8 splat(float v) { return (v8){} + v; }
+MFLD_INLINE v8 load(const float* p) { v8 v; std::memcpy(&v, p, sizeof(v)); return v; }
+MFLD_INLINE void store(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+MFLD_INLINE v8 vtanh(v8 x) {
+  const v8 c = splat(7.90531110763549805f);
+  v8 xc = x < -c ? -c : x;
+  xc = xc > c ? c : xc;
+  const v8 x2 = xc * xc;
+  v8 p = splat(-2.76076847742355e-16f);
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * xc;
+  v8 q = splat(1.19825839466702e-06f);
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  const v8 r = p / q;
+  const v8 ax = x < 0 ? -x : x;
+  return ax < 0.0004f ? x : r;
+}
+
+// F_part[j] for j in [j0, j1) over particles [i0, i1) (multiples of kGroup).
+template <int P>
+MFLD_INLINE void forward_chunk_p(int64_t n_pad, const float* wt, const float* a, const float* x,
+                                 int64_t i0, int64_t i1, int64_t j0, int64_t j1, float* out) {
+  v8 acc[kDataBlock];
+  for (int64_t j = 0; j < j1 - j0; ++j) acc[j] = (v8){};
+  for (int64_t i = i0; i < i1; i += kGroup) {
+    v8 w[kUnroll][P], av[kUnroll];
+    for (int u = 0; u < kUnroll; ++u) {
+      for (int k = 0; k < P; ++k) w[u][k] = load(wt + k * n_pad + i + u * kLanes);
+      av[u] = load(a + i + u * kLanes);
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* xj = x + j * P;
+      v8 s = acc[j - j0];
+      for (int u = 0; u < kUnroll; ++u) {
+        v8 z = w[u][0] * xj[0];
+        for (int k = 1; k < P; ++k) z += w[u][k] * xj[k];
+        s += av[u] * vtanh(z);
+      }
+      acc[j - j0] = s;
+    }
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    float s = 0.0f;
+    for (int l = 0; l < kLanes; ++l) s += acc[j - j0][l];
+    out[j] = s;
+  }
+}
+
+// G[i], H[k, i] for particles [i0, i1) (multiples of kGroup) over all m data rows.
+template <int P>
+MFLD_INLINE void backward_chunk_p(int64_t n_pad, int64_t m, const float* wt, const float* x,
+                                  const float* u, const float* ux, int64_t i0, int64_t i1,
+                                  float* g_out, float* h_out) {
+  for (int64_t i = i0; i < i1; i += kGroup) {
+    v8 w[kUnroll][P], g[kUnroll], h[kUnroll][P];
+    for (int v = 0; v < kUnroll; ++v) {
+      for (int k = 0; k < P; ++k) {
+        w[v][k] = load(wt + k * n_pad + i + v * kLanes);
+        h[v][k] = (v8){};
+      }
+      g[v] = (v8){};
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      const float* xj = x + j * P;
+      const float* uxj = ux + j * P;
+      const float uj = u[j];
+      for (int v = 0; v < kUnroll; ++v) {
+        v8 z = w[v][0] * xj[0];
+        for (int k = 1; k < P; ++k) z += w[v][k] * xj[k];
+        const v8 t = vtanh(z);
+        g[v] += uj * t;
+        const v8 s = 1.0f - t * t;
+        for (int k = 0; k < P; ++k) h[v][k] += s * uxj[k];
+      }
+    }
+    for (int v = 0; v < kUnroll; ++v) {
+      store(g_out + i + v * kLanes, g[v]);
+      for (int k = 0; k < P; ++k) store(h_out + k * n_pad + i + v * kLanes, h[v][k]);
+    }
+  }
+}
+
+#define MFLD_DISPATCH_P(p, CALL)           \
+  switch (p) {                             \
+    case 1: CALL(1); break;                \
+    case 2: CALL(2); break;                \
+    case 3: CALL(3); break;                \
+    case 4: CALL(4); break;                \
+    case 5: CALL(5); break;                \
+    case 6: CALL(6); break;                \
+    case 7: CALL(7); break;                \
+    case 8: CALL(8); break;                \
+    case 9: CALL(9); break;                \
+    default: break;                        \
+  }
+
+MFLD_CLONES void forward_chunk(int64_t p, int64_t n_pad, const float* wt, const float* a,
+                               const float* x, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
+                               float* out) {
+#define MFLD_FWD(P) forward_chunk_p<P>(n_pad, wt, a, x, i0, i1, j0, j1, out)
+  MFLD_DISPATCH_P(p, MFLD_FWD)
+#undef MFLD_FWD
+}
+
+MFLD_CLONES void backward_chunk(int64_t p, int64_t n_pad, int64_t m, const float* wt,
+                                const float* x, const float* u, const float* ux, int64_t i0,
+                                int64_t i1, float* g_out, float* h_out) {
+#define MFLD_BWD(P) backward_chunk_p<P>(n_pad, m, wt, x, u, ux, i0, i1, g_out, h_out)
+  MFLD_DISPATCH_P(p, MFLD_BWD)
+#undef MFLD_BWD
+}
+
+// Runs fn(c) for c in [0, n_chunks) on the calling thread and up to num_threads - 1 tasks of
+// XLA's pool. Chunks are claimed from a shared counter; the caller waits only for chunks a
+// task has claimed (a task that starts late finds nothing left and returns), so a busy or
+// absent pool cannot deadlock it.
+struct Job {
+  std::function<void(int64_t)> fn;
+  int64_t n_chunks = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void work(Job& job) {
+  for (int64_t c = job.next.fetch_add(1); c < job.n_chunks; c = job.next.fetch_add(1)) {
+    job.fn(c);
+    job.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+void parallel_for(ffi::ThreadPool& pool, int64_t n_chunks, std::function<void(int64_t)> fn) {
+  auto job = std::make_shared<Job>();
+  job->fn = std::move(fn);
+  job->n_chunks = n_chunks;
+  const int64_t tasks = std::min<int64_t>(pool.num_threads(), n_chunks) - 1;
+  for (int64_t t = 0; t < tasks; ++t) pool.Schedule([job] { work(*job); });
+  work(*job);
+  while (job->done.load(std::memory_order_acquire) < n_chunks) std::this_thread::yield();
+}
+
+ffi::Error check_p(int64_t p) {
+  if (p < 1 || p > 9) return ffi::Error::InvalidArgument("mfld tanh sums: p must be in 1..9");
+  return ffi::Error::Success();
+}
+
+// wt (p, N_pad), a (N_pad,), x (m, p) -> F (m,)
+ffi::Error TanhForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wt,
+                           ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> x,
+                           ffi::ResultBuffer<ffi::F32> f) {
+  const int64_t p = wt.dimensions()[0], n_pad = wt.dimensions()[1], m = x.dimensions()[0];
+  if (auto e = check_p(p); e.failure()) return e;
+  if (n_pad % kGroup != 0) return ffi::Error::InvalidArgument("mfld tanh sums: N_pad % 16 != 0");
+  const int64_t groups = n_pad / kGroup;
+  const int64_t per_range =
+      std::max<int64_t>(kMinRange / kGroup, (groups + kMaxRanges - 1) / kMaxRanges) * kGroup;
+  const int64_t n_ranges = std::max<int64_t>(1, (n_pad + per_range - 1) / per_range);
+  const int64_t n_blocks = (m + kDataBlock - 1) / kDataBlock;
+  std::vector<float> partial(static_cast<size_t>(n_ranges * m));
+  const float *wp = wt.typed_data(), *ap = a.typed_data(), *xp = x.typed_data();
+  float* part = partial.data();
+  parallel_for(pool, n_ranges * n_blocks, [=](int64_t c) {
+    const int64_t r = c / n_blocks, b = c % n_blocks;
+    const int64_t i0 = r * per_range, i1 = std::min(n_pad, i0 + per_range);
+    const int64_t j0 = b * kDataBlock, j1 = std::min(m, j0 + kDataBlock);
+    forward_chunk(p, n_pad, wp, ap, xp, i0, i1, j0, j1, part + r * m);
+  });
+  float* out = f->typed_data();
+  for (int64_t j = 0; j < m; ++j) {
+    float s = part[j];
+    for (int64_t r = 1; r < n_ranges; ++r) s += part[r * m + j];
+    out[j] = s;
+  }
+  return ffi::Error::Success();
+}
+
+// wt (p, N_pad), x (m, p), u (m,) -> G (N_pad,), H (p, N_pad)
+ffi::Error TanhBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wt,
+                            ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
+                            ffi::ResultBuffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> h) {
+  const int64_t p = wt.dimensions()[0], n_pad = wt.dimensions()[1], m = x.dimensions()[0];
+  if (auto e = check_p(p); e.failure()) return e;
+  if (n_pad % kGroup != 0) return ffi::Error::InvalidArgument("mfld tanh sums: N_pad % 16 != 0");
+  const float *wp = wt.typed_data(), *xp = x.typed_data(), *up = u.typed_data();
+  std::vector<float> ux(static_cast<size_t>(m * p));  // u_j x_j, once per call
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t k = 0; k < p; ++k) ux[j * p + k] = up[j] * xp[j * p + k];
+  const float* uxp = ux.data();
+  float *gp = g->typed_data(), *hp = h->typed_data();
+  const int64_t n_chunks = (n_pad + kBackwardChunk - 1) / kBackwardChunk;
+  parallel_for(pool, n_chunks, [=](int64_t c) {
+    const int64_t i0 = c * kBackwardChunk, i1 = std::min(n_pad, i0 + kBackwardChunk);
+    backward_chunk(p, n_pad, m, wp, xp, up, uxp, i0, i1, gp, hp);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MfldTanhForward, TanhForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MfldTanhBackward, TanhBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
