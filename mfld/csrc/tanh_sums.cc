@@ -50,8 +50,11 @@ typedef float v8 __attribute__((vector_size(32)));
 #endif
 
 constexpr int kLanes = 8;
-constexpr int kUnroll = 2;                     // particle vectors per inner iteration
-constexpr int kGroup = kLanes * kUnroll;       // N_pad is a multiple of this
+// Particle vectors per inner iteration: two hide tanh's latency while the weights and
+// accumulators fit the 16 vector registers (p <= 5 forward, p <= 4 backward), else one.
+constexpr int fwd_unroll(int p) { return p <= 5 ? 2 : 1; }
+constexpr int bwd_unroll(int p) { return p <= 4 ? 2 : 1; }
+constexpr int kGroup = 2 * kLanes;             // N_pad is a multiple of this
 constexpr int kDataBlock = 32;                 // forward: data rows per chunk
 constexpr int64_t kMinRange = 1 << 16;         // forward: particles per range (at least)
 constexpr int64_t kMaxRanges = 64;             // forward: ranges (at most)
@@ -87,9 +90,10 @@ MFLD_INLINE v8 vtanh(v8 x) {
 template <int P>
 MFLD_INLINE void forward_chunk_p(int64_t n_pad, const float* wt, const float* a, const float* x,
                                  int64_t i0, int64_t i1, int64_t j0, int64_t j1, float* out) {
+  constexpr int kUnroll = fwd_unroll(P);
   v8 acc[kDataBlock];
   for (int64_t j = 0; j < j1 - j0; ++j) acc[j] = (v8){};
-  for (int64_t i = i0; i < i1; i += kGroup) {
+  for (int64_t i = i0; i < i1; i += kUnroll * kLanes) {
     v8 w[kUnroll][P], av[kUnroll];
     for (int u = 0; u < kUnroll; ++u) {
       for (int k = 0; k < P; ++k) w[u][k] = load(wt + k * n_pad + i + u * kLanes);
@@ -118,7 +122,8 @@ template <int P>
 MFLD_INLINE void backward_chunk_p(int64_t n_pad, int64_t m, const float* wt, const float* x,
                                   const float* u, const float* ux, int64_t i0, int64_t i1,
                                   float* g_out, float* h_out) {
-  for (int64_t i = i0; i < i1; i += kGroup) {
+  constexpr int kUnroll = bwd_unroll(P);
+  for (int64_t i = i0; i < i1; i += kUnroll * kLanes) {
     v8 w[kUnroll][P], g[kUnroll], h[kUnroll][P];
     for (int v = 0; v < kUnroll; ++v) {
       for (int k = 0; k < P; ++k) {
