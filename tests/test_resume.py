@@ -330,6 +330,20 @@ def test_quantised_fraction_uses_the_entropy_subsample_and_no_float64_copy():
     assert peak < theta.size + 100 * m, peak
 
 
+def test_the_heap_is_trimmed_after_each_certificate(tmp_path, monkeypatch):
+    """A run hands the C heap's free pages back (mfld.resources.release_freed_memory) after each
+    certificate, before the next compiled segment: at N = 10^7 a certificate's freed float64
+    blocks left 150-250 MB resident otherwise, on top of the step's own peak."""
+    from mfld import resources
+
+    calls = []
+    monkeypatch.setattr(resources, "release_freed_memory", lambda: calls.append(1) or True)
+    res = mfld.run({"model": {"n_particles": 64}, "dynamics": {"steps": 20},
+                    "record": {"every": 5, "certify_every": 10, "optimum": False}}, write=False, progress=False)
+    assert list(res.metrics["step"]) == [0, 5, 10, 15, 20]
+    assert len(calls) == 3  # the certified records: steps 0, 10, 20
+
+
 def test_an_unexpected_error_leaves_a_consistent_directory(tmp_path, monkeypatch):
     """A crash inside the loop (here: injected) writes summary status `failed` with the reason,
     releases the lock, keeps the files written so far, and re-raises (a bug shows its traceback)."""
