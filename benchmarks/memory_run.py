@@ -10,7 +10,7 @@ figures, the RSS of the same process after importing JAX and compiling nothing (
 baseline of any run), and the formula.
 
     python benchmarks/memory_run.py                 # N = 1e7, teacher-student defaults (n = 64, d = 1), no certificates
-    python benchmarks/memory_run.py --certify-every 10   # with the certificates (11 GB, > 35 min at N = 1e7)
+    python benchmarks/memory_run.py --certify-every 10   # with the certificates (1.24 GB, 190 s at N = 1e7, 1 thread)
     python benchmarks/memory_run.py --N 3e7 --steps 20 --keep /tmp/big
 """
 
@@ -60,8 +60,8 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--every", type=int, default=10, help="record.every")
     ap.add_argument("--certify-every", type=int, default=0,
-                    help="record.certify_every (default 0: no certificates; at N = 1e7 they took 11 GB and "
-                         "over 35 min for the first record on 2026-12-01, see docs/performance.md)")
+                    help="record.certify_every (default 0: no certificates; at N = 1e7 with 10 the whole run "
+                         "peaked at 1.24 GB in 190 s on 2026-12-01, see docs/performance.md)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--keep", default=None, help="run directory to keep (default: a temporary one)")
     ap.add_argument("--json", default=None)

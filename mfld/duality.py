@@ -29,6 +29,7 @@ import math
 
 import numpy as np
 
+from mfld.entropy import particle_arrays
 from mfld.entropy import upcast_particles as _upcast
 from mfld.gibbs import (
     MEMORY_BUDGET,
@@ -194,14 +195,14 @@ def certify(problem, a, w, *, method="auto", n_samples=65536, seed=0, optimum=No
     from mfld.entropy import free_energy_estimate
 
     spec = make_spec(problem, plus_fraction)
-    a64, w64 = _upcast(a, w)
+    a, w = particle_arrays(a, w)  # upcast to float64 block by block, never all at once
     with np.errstate(over="ignore", invalid="ignore"):
-        f = network_output(spec, a64, w64)
+        f = network_output(spec, a, w)
         u = spec.loss_deriv(f, spec.y)
     ev = evaluate_spec(spec, u, method, n_samples, seed, memory_budget, proposal)
     lower, upper = ev.lower, ev.upper
-    finite_state = bool(np.all(np.isfinite(a64)) and np.all(np.isfinite(w64)) and np.all(np.isfinite(f)))
-    fe = (free_energy_estimate(problem, a64, w64, f=f) if finite_state
+    finite_state = bool(np.all(np.isfinite(a)) and np.all(np.isfinite(w)) and np.all(np.isfinite(f)))
+    fe = (free_energy_estimate(problem, a, w, f=f) if finite_state
           else {"free_energy_est": math.nan, "entropy_reliable": math.nan})
     out = {
         "dual_lower": float(lower),

@@ -37,7 +37,7 @@ from mfld.errors import ConfigError
 from mfld.gibbs import make_spec, network_output
 
 __all__ = ["KNN_K", "RELIABLE_MAX_DIM", "UNRELIABLE_MAX_SAMPLES", "knn_entropy", "free_energy_estimate",
-           "particle_entropy", "upcast_particles"]
+           "particle_entropy", "upcast_particles", "particle_arrays", "mean_square"]
 
 #: The neighbour order of the Kozachenko-Leonenko estimator (k = 3 trades a little bias for
 #: much less variance than k = 1); the one default of every function here.
@@ -78,7 +78,7 @@ def knn_entropy(x, k: int = KNN_K, max_samples: int | None = None) -> float:
     of the data's scale, so the estimate stays finite. ``max_samples``: use at most this many
     rows, evenly strided (:func:`subsample`; None: all).
     """
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x)
     if x.ndim == 1:
         x = x[:, None]
     if x.ndim != 2:
@@ -86,7 +86,7 @@ def knn_entropy(x, k: int = KNN_K, max_samples: int | None = None) -> float:
     if max_samples is not None and int(max_samples) <= k:
         raise ConfigError("the subsample must hold more than k samples", field="max_samples",
                           value=max_samples, allowed=f"> k = {k}")
-    x = subsample(x, max_samples)
+    x = np.asarray(subsample(x, max_samples), dtype=np.float64)  # only the subsample is upcast
     n, dim = x.shape
     k = int(k)
     if k < 1:
@@ -107,11 +107,37 @@ def knn_entropy(x, k: int = KNN_K, max_samples: int | None = None) -> float:
 
 def upcast_particles(a, w) -> tuple[np.ndarray, np.ndarray]:
     """Float64 NumPy copies: a (N,), w (N, p) (a 1-D w is one weight per particle)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1)
-    w = np.asarray(w, dtype=np.float64)
+    return particle_arrays(a, w, np.float64)
+
+
+def particle_arrays(a, w, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy arrays a (N,), w (N, p) (a 1-D w is one weight per particle) in ``dtype`` (None:
+    the particles' own precision, no copy where none is needed). The float64 functions here
+    and :func:`mfld.gibbs.network_output` upcast such arrays block by block or after
+    subsampling, never all of them at once (at N = 10^7 a float64 copy is 240 MB)."""
+    a = np.asarray(a, dtype=dtype).reshape(-1)
+    w = np.asarray(w, dtype=dtype)
     if w.ndim == 1:
         w = w[:, None]
     return a, w
+
+
+#: Rows per block of the float64 second moments (:func:`mean_square`).
+MOMENT_BLOCK_ROWS = 2 ** 18
+
+
+def mean_square(v) -> float:
+    """mean_i |v_i|^2 in float64 for v (N,) or (N, p) in any float precision: the float64
+    squares (row sums) are formed block by block into one float64 vector of N, whose mean is
+    then that of ``np.mean(np.sum(v64 * v64, axis=1))`` bit for bit, without a float64 copy of v."""
+    v = np.asarray(v)
+    if v.ndim == 1:
+        v = v[:, None]
+    rows = np.empty(v.shape[0])
+    for i in range(0, v.shape[0], MOMENT_BLOCK_ROWS):
+        b = np.asarray(v[i:i + MOMENT_BLOCK_ROWS], dtype=np.float64)
+        rows[i:i + MOMENT_BLOCK_ROWS] = np.sum(b * b, axis=1)
+    return float(np.mean(rows))
 
 
 def particle_entropy(problem, a, w, k: int = KNN_K, max_samples: int | str | None = "auto") -> float:
@@ -125,16 +151,18 @@ def particle_entropy(problem, a, w, k: int = KNN_K, max_samples: int | str | Non
     """
     if max_samples == "auto":
         max_samples = default_max_samples(problem.particle_dim)
-    a, w = upcast_particles(a, w)
+    a, w = particle_arrays(a, w)  # upcast by knn_entropy after subsampling
+    cap = _cap(max_samples, k)
     if problem.output == "fixed":
         total = 0.0
         for s in (1.0, -1.0):
             grp = w[np.sign(a) == s]
             if grp.shape[0] == 0:
                 continue
-            total += grp.shape[0] / w.shape[0] * knn_entropy(grp, k, _cap(max_samples, k))
+            total += grp.shape[0] / w.shape[0] * knn_entropy(grp, k, cap)
         return total
-    return knn_entropy(np.concatenate([a[:, None], w], axis=1), k, _cap(max_samples, k))
+    # the subsample of (a, w) is the pair of the subsamples (the same rows)
+    return knn_entropy(np.concatenate([subsample(a[:, None], cap), subsample(w, cap)], axis=1), k, cap)
 
 
 def _samples_used(problem, a, max_samples, k) -> int:
@@ -160,14 +188,14 @@ def free_energy_estimate(problem, a, w, k: int = KNN_K, max_samples: int | str |
     scaling only (the free energy is undefined under NTK scaling).
     """
     spec = make_spec(problem, need_tau=False)
-    a64, w64 = upcast_particles(a, w)
-    f = network_output(spec, a64, w64) if f is None else np.asarray(f, dtype=np.float64)
+    a, w = particle_arrays(a, w)  # float64 block by block (mean_square, network_output, knn_entropy)
+    f = network_output(spec, a, w) if f is None else np.asarray(f, dtype=np.float64)
     risk = float(np.mean(spec.loss_value(f, spec.y)))
-    m2 = float(np.mean(np.sum(w64 * w64, axis=1)))
+    m2 = mean_square(w)
     if spec.output != "fixed":
-        m2 += float(np.mean(a64 * a64))
+        m2 += mean_square(a)
     reg = risk + 0.5 * spec.lam * m2
-    h = particle_entropy(problem, a64, w64, k, max_samples)
+    h = particle_entropy(problem, a, w, k, max_samples)
     if max_samples == "auto":
         max_samples = default_max_samples(problem.particle_dim)
     return {
@@ -176,5 +204,5 @@ def free_energy_estimate(problem, a, w, k: int = KNN_K, max_samples: int | str |
         "entropy": h,
         "free_energy_est": reg - spec.tau * h,
         "entropy_reliable": 1.0 if problem.particle_dim <= RELIABLE_MAX_DIM else 0.0,
-        "entropy_samples": float(_samples_used(problem, a64, max_samples, k)),
+        "entropy_samples": float(_samples_used(problem, a, max_samples, k)),
     }

@@ -190,13 +190,16 @@ def make_spec(problem, plus_fraction: float = 0.5, need_tau: bool = True) -> Gib
 
 def network_output(spec: GibbsSpec, a, w):
     """f_rho(x_j) of the empirical measure, mean-field scaling (float64), in blocks of
-    particles so that no (N, n) array exceeds :data:`_CHUNK` elements."""
-    a_eff = spec.r_out * np.tanh(a) if spec.output == "bounded" else a
+    particles so that no (N, n) array exceeds :data:`_CHUNK` elements. ``a`` (N,), ``w``
+    (N, p) in any float precision: each block is upcast to float64 on its own (no float64
+    copy of all the particles; the result is that of float64 copies, bit for bit)."""
     step = max(1, _CHUNK // max(spec.n, 1))
     f = np.zeros(spec.n)
     with np.errstate(over="ignore", invalid="ignore"):
         for i in range(0, a.shape[0], step):
-            f += a_eff[i:i + step] @ spec.sigma(w[i:i + step] @ spec.x.T)
+            ab = np.asarray(a[i:i + step], dtype=np.float64)
+            a_eff = spec.r_out * np.tanh(ab) if spec.output == "bounded" else ab
+            f += a_eff @ spec.sigma(np.asarray(w[i:i + step], dtype=np.float64) @ spec.x.T)
     return f / a.shape[0]
 
 

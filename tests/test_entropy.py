@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mfld import reference
-from mfld.entropy import free_energy_estimate, knn_entropy, particle_entropy
+from mfld.entropy import MOMENT_BLOCK_ROWS, free_energy_estimate, knn_entropy, mean_square, particle_entropy
 from mfld.errors import ConfigError
 from mfld.problem import Problem
 
@@ -154,3 +154,31 @@ def test_free_energy_estimate_takes_the_callers_network_output():
     f = network_output(make_spec(pr), a, w)
     assert free_energy_estimate(pr, a, w, f=f) == free_energy_estimate(pr, a, w)
     assert free_energy_estimate(pr, a, w, f=f + 0.1)["risk"] != free_energy_estimate(pr, a, w)["risk"]
+
+
+@pytest.mark.parametrize("output", ["trained", "fixed", "bounded"])
+def test_free_energy_estimate_of_float32_particles_is_that_of_float64_copies_bit_for_bit(output):
+    """The float64 estimate is formed block by block (mean_square, network_output) and upcasts
+    only the entropy's subsample, yet equals, bit for bit, the computation on float64 copies of
+    all the particles that it replaced (over several blocks of MOMENT_BLOCK_ROWS)."""
+    from mfld.gibbs import make_spec, network_output
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (16, 1))
+    pr = Problem.create(x, np.sin(2 * x[:, 0]), lam=0.3, tau=0.05, output=output)
+    n = 2 * MOMENT_BLOCK_ROWS + 1234
+    a = rng.standard_normal(n).astype(np.float32)
+    if output == "fixed":
+        a = np.sign(a) + (a == 0)
+    w = (0.8 * rng.standard_normal((n, pr.p))).astype(np.float32)
+    a64, w64 = a.astype(np.float64), w.astype(np.float64)
+    got = free_energy_estimate(pr, a, w, max_samples=2000)
+    assert got == free_energy_estimate(pr, a64, w64, max_samples=2000)
+    # the replaced float64 formulas, written out
+    m2 = float(np.mean(np.sum(w64 * w64, axis=1))) + (0.0 if output == "fixed" else float(np.mean(a64 * a64)))
+    spec = make_spec(pr, need_tau=False)
+    f = network_output(spec, a64, w64)  # what certify passed it: float64 copies
+    assert np.array_equal(network_output(spec, a, w), f)
+    assert got["reg_risk"] == float(np.mean(spec.loss_value(f, spec.y))) + 0.5 * spec.lam * m2
+    assert mean_square(w) == float(np.mean(np.sum(w64 * w64, axis=1)))
+    assert mean_square(a) == float(np.mean(a64 * a64))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mfld import config as cfgmod
-from mfld import dynamics, loop
+from mfld import dynamics, loop, resources
 from mfld.app import certificates, guards, inputs, run_figures, rundir
 from mfld.app.lock import LOCK, RunLock
 from mfld.app.records import RunStatus, is_finite_row, merge_metrics, run_summary
@@ -468,6 +468,8 @@ class _RecordHook:
         step = row["step"]
         if self.certify is not None and step % rec.certify_every == 0:
             row.update(self.certify(s))
+            # the certificate's freed float64 blocks back to the kernel before the next segment
+            resources.release_freed_memory()
         if self.write and rec.snapshot_every and step % rec.snapshot_every == 0:
             rundir.save_checkpoint(self.out_dir / "snapshots" / f"step_{step:09d}.npz", s.a, s.w, step,
                                    jax.random.key_data(s.key))
