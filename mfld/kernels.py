@@ -32,8 +32,6 @@ from pathlib import Path
 
 #: Largest feature count p (with the bias) the kernels are compiled for.
 MAX_FEATURES = 9
-#: Particles per vector group of the kernels: the particle axis is padded to a multiple.
-GROUP = 16
 #: Set to "0" to use the XLA path everywhere (e.g. to compare).
 ENV_SWITCH = "MFLD_KERNELS"
 _TARGETS = {"mfld_tanh_forward": "MfldTanhForward", "mfld_tanh_backward": "MfldTanhBackward"}
@@ -79,12 +77,12 @@ def _self_test():
     import jax.numpy as jnp
     import numpy as np
 
-    wt = np.linspace(-1.0, 1.0, 2 * GROUP, dtype=np.float32).reshape(2, GROUP)
-    a = np.linspace(0.5, 1.5, GROUP, dtype=np.float32)
+    w = np.linspace(-1.0, 1.0, 2 * 19, dtype=np.float32).reshape(19, 2)
+    a = np.linspace(0.5, 1.5, 19, dtype=np.float32)
     x = np.array([[0.3, 1.0], [-2.0, 1.0]], np.float32)
     with jax.ensure_compile_time_eval():  # status() is often first asked while tracing a step
-        out = jax.ffi.ffi_call("mfld_tanh_forward", jax.ShapeDtypeStruct((2,), jnp.float32))(wt, a, x)
-    ref = a.astype(np.float64) @ np.tanh(wt.T.astype(np.float64) @ x.T.astype(np.float64))
+        out = jax.ffi.ffi_call("mfld_tanh_forward", jax.ShapeDtypeStruct((2,), jnp.float32))(w, a, x)
+    ref = a.astype(np.float64) @ np.tanh(w.astype(np.float64) @ x.T.astype(np.float64))
     if not np.allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5):
         raise RuntimeError(f"forward sums {np.asarray(out)} != {ref}")
 
@@ -114,24 +112,14 @@ def _require():
         raise RuntimeError(f"mfld's compiled kernels are not available: {why}")
 
 
-def _transposed_padded(w):
-    """(N, p) -> (p, N_pad), zero rows up to a multiple of :data:`GROUP`."""
-    import jax.numpy as jnp
-
-    extra = -w.shape[0] % GROUP
-    return jnp.pad(w, ((0, extra), (0, 0))).T
-
-
 def tanh_sums_forward(w, a, x):
     """F_j = sum_i a_i tanh(w_i . x_j): ``w (N, p)``, ``a (N,)``, ``x (m, p)`` -> ``(m,)``."""
     import jax
     import jax.numpy as jnp
 
     _require()
-    a_pad = jnp.pad(a, (0, -a.shape[0] % GROUP))  # zero weight: no contribution
     out = jax.ShapeDtypeStruct((x.shape[0],), jnp.float32)
-    return jax.ffi.ffi_call("mfld_tanh_forward", out, vmap_method="sequential")(
-        _transposed_padded(w), a_pad, x)
+    return jax.ffi.ffi_call("mfld_tanh_forward", out, vmap_method="sequential")(w, a, x)
 
 
 def tanh_sums_backward(w, x, u):
@@ -142,8 +130,5 @@ def tanh_sums_backward(w, x, u):
 
     _require()
     n, p = w.shape
-    wt = _transposed_padded(w)
-    n_pad = wt.shape[1]
-    outs = (jax.ShapeDtypeStruct((n_pad,), jnp.float32), jax.ShapeDtypeStruct((p, n_pad), jnp.float32))
-    g, h = jax.ffi.ffi_call("mfld_tanh_backward", outs, vmap_method="sequential")(wt, x, u)
-    return g[:n], h.T[:n]
+    outs = (jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((n, p), jnp.float32))
+    return jax.ffi.ffi_call("mfld_tanh_backward", outs, vmap_method="sequential")(w, x, u)

@@ -334,14 +334,16 @@ class _Run:
                                                       self.stored_optimum)
         if self.opts.write and self.certs.solved:
             rundir.atomic_write_text(self.out_dir / rundir.OPTIMUM, self.certs.optimum.to_json())
-        initial_state = self.state
+        # the divergence and convergence diagnostics need a subsample of the starting state only:
+        # the full one is released after the first record (one state less resident all run long)
+        initial_sub = curvature_subsample(self.state)
         self.hook = _RecordHook(self, loop.History(), self.certs.certify)
         remaining = max(cfg.dynamics.steps - int(self.state.step), 0)
         if self.resumed_from is not None and remaining == 0:
             self.notes.append(f"nothing to do: the run is already at step {int(self.state.step)} of "
                               f"{cfg.dynamics.steps}")
         state, hist = self._simulate(remaining)
-        state, metrics, summary = self._finish(initial_state, state, hist)
+        state, metrics, summary = self._finish(initial_sub, state, hist)
         if self.opts.write:
             self._write_outputs(state, metrics, summary)
         return RunResult(cfg, self.problem, state, rundir.Metrics({k: np.asarray(v) for k, v in metrics.items()}),
@@ -358,7 +360,7 @@ class _Run:
 
                 simulate = partial(sharding.simulate_local,
                                    n_devices=None if jax.process_count() > 1 else opts.devices)
-            return simulate(self.problem, self.state, self.stepper, n_steps, record_every=rec.every,
+            return simulate(self.problem, self._hand_over_state(), self.stepper, n_steps, record_every=rec.every,
                             chunk=cfg.dynamics.chunk, callback=self.hook,
                             progress=rec.progress if opts.progress is None else opts.progress,
                             record_initial=self.prior is None, history=self.hook.hist)
@@ -366,6 +368,12 @@ class _Run:
             if opts.write:
                 self._write_failure(err)
             raise
+
+    def _hand_over_state(self):
+        """The starting state, no longer held by the run (no frame keeps it: the loop and the
+        record hook drop it after the first segment and record)."""
+        state, self.state = self.state, None
+        return state
 
     def _write_failure(self, err: BaseException):
         """summary.json of a run stopped by an exception: ``interrupted`` (a second signal) or
@@ -381,10 +389,11 @@ class _Run:
         summary["notes"] = self.notes
         rundir.write_json(self.out_dir / rundir.SUMMARY, summary)
 
-    def _finish(self, initial_state, state, hist):
+    def _finish(self, initial_sub, state, hist):
         """(state, metrics, summary) of the run as it ended: a diverged run keeps its last finite
         state and the rows up to it and is given a stable step; a completed one that is not
-        converging is told so; then the guards' notes (precision, quantised signs ...)."""
+        converging is told so; then the guards' notes (precision, quantised signs ...).
+        ``initial_sub``: :func:`curvature_subsample` of the starting state."""
         cfg, hook, notes = self.cfg, self.hook, self.notes
         status = hook.status
         metrics = merge_metrics(self.prior, hist.columns)
@@ -398,14 +407,15 @@ class _Run:
         if status.value == "diverged":
             summary["last_good_step"] = hook.last_good_step
             # the curvature where the run started and where it was last finite (often already blowing up)
-            suggestion = suggest_step_size(self.problem, cfg.dynamics.eta, [initial_state, hook.last_good])
+            suggestion = suggest_step_size(self.problem, cfg.dynamics.eta,
+                                           [initial_sub, curvature_subsample(hook.last_good)])
             summary["suggested_eta"] = suggestion["eta"]
             summary["curvature"] = suggestion["curvature"]
             notes.append(f"the run diverged ({status.reason}); the last finite state (step {hook.last_good_step}) "
                          f"is checkpointed; {suggestion['why']}: rerun with --set "
                          f"dynamics.eta={suggestion['eta']:.3g} --overwrite")
         if status.value == "completed":
-            note = _convergence_note(cfg, self.problem, metrics, [initial_state, state])
+            note = _convergence_note(cfg, self.problem, metrics, [initial_sub, curvature_subsample(state)])
             if note:
                 summary["not_converging"] = True
                 notes.append(note)
@@ -610,12 +620,19 @@ def _clear_dir(out_dir: Path):
             p.unlink()
 
 
-#: Particles the non-convergence check's curvature is estimated on (a mean-field curvature does
-#: not depend on N; a subsample keeps the check cheap for large runs).
+#: Particles the divergence and non-convergence diagnostics estimate the curvature on (a
+#: mean-field curvature does not depend on N; a subsample keeps them cheap for large runs).
 CURVATURE_SUBSAMPLE = 4096
 
 
-def _convergence_note(cfg, problem, metrics, states) -> str | None:
+def curvature_subsample(state):
+    """Every k-th particle of ``state``, at most :data:`CURVATURE_SUBSAMPLE` of them (a stride,
+    so both sign groups of a fixed output layer are kept)."""
+    stride = -(-int(state.a.shape[0]) // CURVATURE_SUBSAMPLE)
+    return state._replace(a=state.a[::stride], w=state.w[::stride])
+
+
+def _convergence_note(cfg, problem, metrics, states) -> str | None:  # states: curvature subsamples
     """A note for a completed run that is not converging: its duality gap did not fall over
     the last half of the run (the median of the last quarter of the records is not below 0.7
     times that of the quarter before) and the step exceeds the linear stability limit 2/mu at
@@ -635,8 +652,7 @@ def _convergence_note(cfg, problem, metrics, states) -> str | None:
     earlier, later = float(np.median(half[:q])), float(np.median(half[q:]))
     if later < 0.7 * earlier:
         return None  # still falling
-    stride = -(-int(states[-1].a.shape[0]) // CURVATURE_SUBSAMPLE)  # every k-th particle: both sign groups
-    sub = [s._replace(a=s.a[::stride], w=s.w[::stride]) for s in states]
+    sub = states  # already subsampled (curvature_subsample)
     try:
         mu = drift_curvature(problem, sub[-1].a, sub[-1].w)
     except Exception:  # noqa: BLE001 - a diagnostic must not break the run's writing
