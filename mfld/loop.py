@@ -114,7 +114,8 @@ def simulate(problem: Problem, state: ParticleState, stepper: Langevin, n_steps:
              record_every: int = 100, chunk: int | None = None,
              recorder: Callable | None = None, callback: Callable | None = None,
              progress: bool = False, record_initial: bool = True, history: History | None = None,
-             advance: Callable | None = None):
+             advance: Callable | None = None, callback_keeps_state: bool = True,
+             caller_keeps_state: bool = True):
     """Run the dynamics from ``state.step`` up to ``state.step + n_steps``.
 
     The host loop runs jitted ``lax.scan`` segments that end on absolute multiples of
@@ -128,8 +129,12 @@ def simulate(problem: Problem, state: ParticleState, stepper: Langevin, n_steps:
 
     Buffers: segments whose input state was never handed out (neither the caller's state
     nor one passed to ``callback``) donate their particle buffers to XLA, so the caller's
-    arrays stay valid. ``advance(problem, state, stepper, n, donate) -> state`` replaces the
-    jitted segment (default :func:`run_segment`; :mod:`mfld.sharding` passes its own).
+    arrays stay valid. ``callback_keeps_state=False`` promises that ``callback`` keeps no
+    reference to the state it is shown: the segment after a record then donates it too (one
+    state less resident during the segment). ``caller_keeps_state=False``: the caller hands
+    ``state`` over (holds no reference to it), so the first segment may donate it as well.
+    ``advance(problem, state, stepper, n, donate) -> state`` replaces the jitted segment
+    (default :func:`run_segment`; :mod:`mfld.sharding` passes its own).
     """
     _check_partitionable()
     record_every = check_record_every(record_every)
@@ -138,12 +143,13 @@ def simulate(problem: Problem, state: ParticleState, stepper: Langevin, n_steps:
     hist = History() if history is None else history
     take = _record_taker(problem, stepper, recorder or observables.record, callback, hist)
     advance = advance or run_segment
+    exposed = caller_keeps_state  # does anyone but this loop hold the input state?
     if record_initial and start % record_every == 0:
         if take(state):
             return state, hist
+        exposed = exposed or (callback is not None and callback_keeps_state)
     bar = _progress(stop - start, progress)
     step_now = start
-    exposed = True  # the caller holds the input state
     try:
         for end in segment_ends(start, stop, record_every, chunk or record_every):
             n = end - step_now
@@ -153,7 +159,7 @@ def simulate(problem: Problem, state: ParticleState, stepper: Langevin, n_steps:
             if bar is not None:
                 bar.update(n)
             if end % record_every == 0 or end == stop:
-                exposed = True
+                exposed = callback is not None and callback_keeps_state
                 if take(state):
                     break
                 _show_risk(bar, hist)

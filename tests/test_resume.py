@@ -686,3 +686,39 @@ def test_the_starting_state_is_released_after_the_first_record(monkeypatch):
                     "record": {"every": 10, "certify_every": 0, "optimum": False}}, write=False, progress=False)
     assert list(res.metrics["step"]) == [0, 10, 20, 30]
     assert alive_at == {0: True, 10: True, 20: False, 30: False}  # at 10 the hook still holds it (last good)
+
+
+@pytest.mark.parametrize("checkpoint_every", [0, 5])  # replayed from the initial particles / the checkpoint
+def test_a_replayed_last_finite_state_is_the_held_one_bit_for_bit(tmp_path, checkpoint_every):
+    """A writing run holds no state in its record hook (each segment donates its input) and,
+    when it diverges, recomputes its last finite state from its checkpoint or its initial
+    particles; a run that does not write holds it. Both must give the same bits."""
+    cfg = {"model": {"n_particles": 100}, "dynamics": {"steps": 200, "eta": 20.0},
+           "record": {"every": 5, "checkpoint_every": checkpoint_every, "certify_every": 0, "optimum": False}}
+    written = mfld.run(cfg, out=tmp_path / "r", progress=False)
+    held = mfld.run(cfg, write=False, progress=False)
+    assert written.summary["status"] == held.summary["status"] == "diverged"
+    assert written.summary["last_good_step"] == held.summary["last_good_step"] > 0
+    for k in ("a", "w"):
+        assert np.asarray(getattr(written.state, k)).tobytes() == np.asarray(getattr(held.state, k)).tobytes()
+    ckpt = rundir.load_checkpoint(tmp_path / "r" / rundir.CHECKPOINT)
+    assert int(ckpt["step"]) == held.summary["last_good_step"]
+    assert ckpt["w"].tobytes() == np.asarray(held.state.w).tobytes()
+    assert written.summary["suggested_eta"] == held.summary["suggested_eta"]
+
+
+def test_states_shown_to_a_callback_that_keeps_none_are_donated():
+    from mfld import dynamics, loop
+    from mfld.problem import Problem
+
+    x = np.linspace(-1, 1, 16)[:, None]
+    pr = Problem.create(x, np.sin(x[:, 0]), lam=0.1, tau=0.01, dtype=jnp.float32)
+    for keeps in (True, False):
+        for handed_over in (False, True):
+            shown = []
+            loop.simulate(pr, dynamics.init_particles(pr, 64, 0), dynamics.Langevin(0.01), 30, record_every=10,
+                          callback=lambda s, row, shown=shown: shown.append(s), callback_keeps_state=keeps,
+                          caller_keeps_state=not handed_over)
+            # the states of steps 0 (the caller's), 10, 20, 30 (the last one is returned, not advanced)
+            first = handed_over and not keeps
+            assert [s.w.is_deleted() for s in shown] == [first, not keeps, not keeps, False], (keeps, handed_over)

@@ -203,10 +203,15 @@ class _Run:
         self.problem = inputs.build_problem(cfg, self.dataset)
         self.stepper = dynamics.Langevin(eta=cfg.dynamics.eta, scheme=cfg.dynamics.scheme,
                                          batch_size=cfg.dynamics.batch_size, tau_schedule=cfg.dynamics.tau_schedule)
-        init = cfg.model.init
-        self.state = dynamics.init_particles(self.problem, cfg.model.n_particles, cfg.seed, a_scale=init.a_scale,
-                                             w_scale=init.w_scale, plus_fraction=init.plus_fraction)
+        self.state = self._initial_state()
         self.fingerprint = inputs.data_fingerprint(self.dataset)
+
+    def _initial_state(self):
+        """The particles of step 0 (a function of the config and the seed)."""
+        cfg = self.cfg
+        init = cfg.model.init
+        return dynamics.init_particles(self.problem, cfg.model.n_particles, cfg.seed, a_scale=init.a_scale,
+                                       w_scale=init.w_scale, plus_fraction=init.plus_fraction)
 
     def _open(self):
         """Claim the directory (the lock first: every check of the directory and every read of a
@@ -337,7 +342,11 @@ class _Run:
         # the divergence and convergence diagnostics need a subsample of the starting state only:
         # the full one is released after the first record (one state less resident all run long)
         initial_sub = curvature_subsample(self.state)
-        self.hook = _RecordHook(self, loop.History(), self.certs.certify)
+        # a fresh single-device run that writes can recompute its last finite state (replay from
+        # its checkpoint or its initial particles), so its record hook holds no state and each
+        # segment donates its input; otherwise the hook keeps the last finite state
+        self.replay = bool(self.opts.write and self.resumed_from is None and _mesh_size(self.opts.devices) == 1)
+        self.hook = _RecordHook(self, loop.History(), self.certs.certify, keep_last_good=not self.replay)
         remaining = max(cfg.dynamics.steps - int(self.state.step), 0)
         if self.resumed_from is not None and remaining == 0:
             self.notes.append(f"nothing to do: the run is already at step {int(self.state.step)} of "
@@ -363,11 +372,28 @@ class _Run:
             return simulate(self.problem, self._hand_over_state(), self.stepper, n_steps, record_every=rec.every,
                             chunk=cfg.dynamics.chunk, callback=self.hook,
                             progress=rec.progress if opts.progress is None else opts.progress,
-                            record_initial=self.prior is None, history=self.hook.hist)
+                            record_initial=self.prior is None, history=self.hook.hist,
+                            callback_keeps_state=not self.replay, caller_keeps_state=not self.replay)
         except BaseException as err:  # keep the run directory consistent: say what happened, then re-raise
             if opts.write:
                 self._write_failure(err)
             raise
+
+    def _replay(self, to_step: int):
+        """The state at ``to_step``, recomputed from this run's checkpoint (written at a finite
+        record, so at most ``to_step``) or its initial particles: bit for bit the state the run
+        had there, since a trajectory does not depend on where its segments end."""
+        start = self._initial_state()
+        path = self.out_dir / rundir.CHECKPOINT
+        if path.exists():
+            ckpt = _restore(path, start)
+            start = ckpt if int(ckpt.step) <= to_step else start
+        n = to_step - int(start.step)
+        if n == 0:
+            return start
+        state, _ = loop.simulate(self.problem, start, self.stepper, n, record_every=self.cfg.record.every,
+                                 chunk=self.cfg.dynamics.chunk, record_initial=False, progress=False)
+        return state
 
     def _hand_over_state(self):
         """The starting state, no longer held by the run (no frame keeps it: the loop and the
@@ -398,7 +424,7 @@ class _Run:
         status = hook.status
         metrics = merge_metrics(self.prior, hist.columns)
         if status.value == "diverged":
-            state = hook.last_good
+            state = hook.last_good if hook.last_good is not None else self._replay(hook.last_good_step)
             keep = [i for i, st in enumerate(metrics.get("step", [])) if st <= hook.last_good_step]
             metrics = {k: [v[i] for i in keep] for k, v in metrics.items()}
         summary = run_summary(cfg, metrics, status, time.perf_counter() - self.t_start, self.certs.optimum)
@@ -408,7 +434,7 @@ class _Run:
             summary["last_good_step"] = hook.last_good_step
             # the curvature where the run started and where it was last finite (often already blowing up)
             suggestion = suggest_step_size(self.problem, cfg.dynamics.eta,
-                                           [initial_sub, curvature_subsample(hook.last_good)])
+                                           [initial_sub, curvature_subsample(state)])
             summary["suggested_eta"] = suggestion["eta"]
             summary["curvature"] = suggestion["curvature"]
             notes.append(f"the run diverged ({status.reason}); the last finite state (step {hook.last_good_step}) "
@@ -450,16 +476,18 @@ class _RecordHook:
     certificates, snapshots, periodic checkpoints and the signal flag.
 
     ``status`` (:class:`mfld.app.records.RunStatus`) says how the run ended;
-    ``last_good``/``last_good_step`` are the last finite state and its step. ``hist`` is the
+    ``last_good``/``last_good_step`` are the last finite state and its step (``last_good`` is
+    ``None`` with ``keep_last_good=False``: the run replays it if needed). ``hist`` is the
     History the simulation appends the rows to (a checkpoint writes it with ``prior``).
     """
 
-    def __init__(self, run: _Run, hist, certify=None):
+    def __init__(self, run: _Run, hist, certify=None, keep_last_good: bool = True):
         self.rec = run.cfg.record
         self.out_dir, self.write, self.signals, self.prior = run.out_dir, run.opts.write, run.signals, run.prior
         self.hist, self.certify = hist, certify
         self.status = RunStatus()
-        self.last_good, self.last_good_step = run.state, int(run.state.step)
+        self.keep_last_good = keep_last_good
+        self.last_good, self.last_good_step = (run.state if keep_last_good else None), int(run.state.step)
         prior = run.prior
         # wall_time continues across resumes (it is not part of the bit-for-bit contract)
         self.wall_offset = (float(prior["wall_time"][-1]) if prior and "wall_time" in prior and len(prior["step"])
@@ -474,7 +502,7 @@ class _RecordHook:
             status.reason = f"non-finite particles or risk at step {row['step']}"
             status.diverged_at_step = row["step"]
             return True
-        self.last_good, self.last_good_step = s, row["step"]
+        self.last_good, self.last_good_step = (s if self.keep_last_good else None), row["step"]
         step = row["step"]
         if self.certify is not None and step % rec.certify_every == 0:
             row.update(self.certify(s))
@@ -629,7 +657,8 @@ def curvature_subsample(state):
     """Every k-th particle of ``state``, at most :data:`CURVATURE_SUBSAMPLE` of them (a stride,
     so both sign groups of a fixed output layer are kept)."""
     stride = -(-int(state.a.shape[0]) // CURVATURE_SUBSAMPLE)
-    return state._replace(a=state.a[::stride], w=state.w[::stride])
+    # a copy even at stride 1: the run donates the state's own buffers to its first segment
+    return state._replace(a=jnp.array(state.a[::stride], copy=True), w=jnp.array(state.w[::stride], copy=True))
 
 
 def _convergence_note(cfg, problem, metrics, states) -> str | None:  # states: curvature subsamples
