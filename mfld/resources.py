@@ -17,10 +17,10 @@ certificate frees stay in the process otherwise, and count in its resident set.
 
 from __future__ import annotations
 
+import functools
 import os
 
 ENV_LIMIT = "MFLD_MEMORY_LIMIT"
-_MALLOC_TRIM: list = []  # [the C function, or None where there is none], looked up once
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -117,13 +117,13 @@ def release_freed_memory() -> bool:
     resident that the next compiled step, whose buffers are mapped afresh, cannot use. True if
     memory was released; False where there is no ``malloc_trim`` (not glibc) or nothing to
     release. Costs a walk of the heap (milliseconds): call it after large computations only."""
-    if not _MALLOC_TRIM:
-        _MALLOC_TRIM.append(_find_malloc_trim())
-    trim = _MALLOC_TRIM[0]
+    trim = _find_malloc_trim()
     return bool(trim(0)) if trim is not None else False
 
 
+@functools.cache
 def _find_malloc_trim():
+    """glibc's ``malloc_trim``, looked up once, or None where there is none."""
     import ctypes
     import ctypes.util
 
