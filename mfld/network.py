@@ -189,15 +189,16 @@ def _data_blocked(problem, a_eff, w, x, y, scale, plan: ChunkPlan, axis_name):
     return f.reshape(-1)[:m], u.reshape(-1)[:m], gsum, hsum
 
 
-def _kernel_sums(problem, a_eff, w, x, y, scale, axis_name):
-    """(f, u, G, H) from :mod:`mfld.kernels` (tanh, p <= 9, float32 on CPU): one pass per
-    sum, no block of pre-activations in memory."""
-    fsum = kernels.tanh_sums_forward(w, a_eff, x)
+def _two_passes(problem, y, scale, axis_name, forward_sum, backward_sums):
+    """(f, u, G, H) of an evaluation in two passes over the particles: ``forward_sum()`` ->
+    F (summed over devices), then u, then ``backward_sums(u)`` -> (G, H). The compiled
+    kernels of :mod:`mfld.kernels` and XLA's particle blocks are both this."""
+    fsum = forward_sum()
     if axis_name is not None:
         fsum = jax.lax.psum(fsum, axis_name)
     f = scale * fsum
     u = problem.loss.derivative(f, y)
-    gsum, hsum = kernels.tanh_sums_backward(w, x, u)
+    gsum, hsum = backward_sums(u)
     return f, u, gsum, hsum
 
 
@@ -231,7 +232,9 @@ def interaction(problem: Problem, a, w, x=None, y=None, *, n_particles=None, act
         plan = plan_chunks(w.shape[0], m, x.dtype.itemsize, n_features=x.shape[1],
                            memory_budget=memory_budget)
     if kernels.applies(act, x):  # thin features, tanh: the compiled one-pass sums
-        f, u, gsum, hsum = _kernel_sums(problem, a_eff, w, x, y, scale, axis_name)
+        f, u, gsum, hsum = _two_passes(problem, y, scale, axis_name,
+                                       lambda: kernels.tanh_sums_forward(w, a_eff, x),
+                                       lambda u: kernels.tanh_sums_backward(w, x, u))
     elif plan.particles >= w.shape[0] and plan.data >= m:
         # one block: sigma and sigma' together, the forward activations reused backwards
         s, ds = act.value_and_derivative(w @ x.T)  # (N, m) each
@@ -246,12 +249,9 @@ def interaction(problem: Problem, a, w, x=None, y=None, *, n_particles=None, act
     elif plan.particles >= w.shape[0]:  # data blocks: two GEMMs, f complete per block
         f, u, gsum, hsum = _data_blocked(problem, a_eff, w, x, y, scale, plan, axis_name)
     else:  # particle blocks: the backward pass recomputes w x^T blockwise
-        fsum = _forward_sum(act, a_eff, w, x, plan, axis_name)
-        if axis_name is not None:
-            fsum = jax.lax.psum(fsum, axis_name)
-        f = scale * fsum
-        u = problem.loss.derivative(f, y)
-        gsum, hsum = _backward_sums(act, w, x, u, plan, axis_name)
+        f, u, gsum, hsum = _two_passes(problem, y, scale, axis_name,
+                                       lambda: _forward_sum(act, a_eff, w, x, plan, axis_name),
+                                       lambda u: _backward_sums(act, w, x, u, plan, axis_name))
     g = gsum / m
     # Under mean-field scaling N dL/dtheta cancels the 1/N; under NTK 1/sqrt(N) remains.
     c = 1.0 if problem.scaling == "mean_field" else scale

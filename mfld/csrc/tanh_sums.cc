@@ -50,6 +50,7 @@ typedef float v8 __attribute__((vector_size(32)));
 #define MFLD_CLONES
 #endif
 
+constexpr int kMaxFeatures = 9;                // mfld.kernels.MAX_FEATURES (the dispatch below)
 constexpr int kLanes = 8;
 // Particle vectors per inner iteration: two hide tanh's latency while the weights and
 // accumulators fit the 16 vector registers (p <= 5 forward, p <= 4 backward), else one.
@@ -232,7 +233,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n_chunks, std::function<void(in
 }
 
 ffi::Error check_p(int64_t p) {
-  if (p < 1 || p > 9) return ffi::Error::InvalidArgument("mfld tanh sums: p must be in 1..9");
+  if (p < 1 || p > kMaxFeatures) return ffi::Error::InvalidArgument("mfld tanh sums: p must be in 1..9");
   return ffi::Error::Success();
 }
 
