@@ -620,13 +620,13 @@ def test_not_converging_note(monkeypatch):
     falling = {"step": steps, "gap": np.exp(-steps / 100)}
     unstable = mfld.config.validate({"dynamics": {"eta": 4.0 / mu}})
     stable = mfld.config.validate({"dynamics": {"eta": 0.5 / mu}})
-    note = runner._convergence_note(unstable, None, oscillating, [st, st])
+    note = runner._convergence_note(unstable, None, oscillating, st, st)
     assert note and "not converging" in note and "stability limit 2/mu = 2.5" in note
     assert "a stable step is dynamics.eta=1.25 " in note  # 1/mu: half the limit
-    assert runner._convergence_note(unstable, None, falling, [st, st]) is None
-    assert runner._convergence_note(stable, None, oscillating, [st, st]) is None
+    assert runner._convergence_note(unstable, None, falling, st, st) is None
+    assert runner._convergence_note(stable, None, oscillating, st, st) is None
     assert runner._convergence_note(unstable, None, {"step": steps[:5], "gap": oscillating["gap"][:5]},
-                                    [st, st]) is None
+                                    st, st) is None
 
 
 def test_the_directory_is_checked_again_under_the_lock(tmp_path, monkeypatch, capsys):

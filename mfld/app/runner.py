@@ -441,7 +441,7 @@ class _Run:
                          f"is checkpointed; {suggestion['why']}: rerun with --set "
                          f"dynamics.eta={suggestion['eta']:.3g} --overwrite")
         if status.value == "completed":
-            note = _convergence_note(cfg, self.problem, metrics, [initial_sub, curvature_subsample(state)])
+            note = _convergence_note(cfg, self.problem, metrics, initial_sub, state)
             if note:
                 summary["not_converging"] = True
                 notes.append(note)
@@ -661,13 +661,14 @@ def curvature_subsample(state):
     return state._replace(a=jnp.array(state.a[::stride], copy=True), w=jnp.array(state.w[::stride], copy=True))
 
 
-def _convergence_note(cfg, problem, metrics, states) -> str | None:  # states: curvature subsamples
+def _convergence_note(cfg, problem, metrics, initial_sub, final) -> str | None:
     """A note for a completed run that is not converging: its duality gap did not fall over
     the last half of the run (the median of the last quarter of the records is not below 0.7
     times that of the quarter before) and the step exceeds the linear stability limit 2/mu at
     the final state (:func:`mfld.stability.drift_curvature`): the particles oscillate. The note
     names a stable step (:func:`mfld.stability.suggest_step_size`). None otherwise, and when
-    fewer than 8 records have a gap."""
+    fewer than 8 records have a gap. ``initial_sub``: :func:`curvature_subsample` of the
+    starting state; ``final``: the final state (subsampled here, once a note is possible)."""
     steps = np.asarray(metrics.get("step", []), dtype=np.float64)
     gap = np.asarray(metrics.get("gap", []), dtype=np.float64)
     ok = np.isfinite(gap)
@@ -681,7 +682,7 @@ def _convergence_note(cfg, problem, metrics, states) -> str | None:  # states: c
     earlier, later = float(np.median(half[:q])), float(np.median(half[q:]))
     if later < 0.7 * earlier:
         return None  # still falling
-    sub = states  # already subsampled (curvature_subsample)
+    sub = [initial_sub, curvature_subsample(final)]
     try:
         mu = drift_curvature(problem, sub[-1].a, sub[-1].w)
     except Exception:  # noqa: BLE001 - a diagnostic must not break the run's writing
