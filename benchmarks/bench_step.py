@@ -8,7 +8,8 @@ Gaussian noise (float32; the fp64 table: float64). Contenders:
 - ``mfld``: ``mfld.dynamics`` jitted ``lax.scan`` segments (the library's own code path);
 - ``mfld_unfused``: the same with ``MFLD_XLA_DOT_FUSION=0`` (no mfld XLA options);
 - ``mfld_xla``: the same with ``MFLD_KERNELS=0`` (XLA's blocked drift instead of the compiled
-  tanh kernels of :mod:`mfld.kernels`; only on rows where those apply, p = d + 1 <= 9);
+  tanh kernels of :mod:`mfld.kernels`: the thin ones at p = d + 1 <= 9, the wide block ones
+  above; every row of the table);
 - ``numpy``: the step a careful researcher writes by hand (in-place tanh, BLAS GEMMs);
 - ``torch_naive``: ``nn.Module`` + autograd of the finite loss, manual noisy update;
 - ``torch_analytic``: the analytic drift in torch (``addmm``, in-place ``tanh_``, ``mv``, no
@@ -67,7 +68,6 @@ FP64_GRID = [(1024, 10, N) for N in (256, 1024, 4096, 16384, 65536, 131072)]
 CONTENDERS = ["mfld", "numpy", "torch_naive", "torch_analytic", "mfld_unfused", "mfld_xla"]
 FP64_CONTENDERS = ["mfld64", "numpy64"]
 ETA, LAM, TAU = 0.01, 0.1, 0.01
-MAX_KERNEL_FEATURES = 9  # mfld.kernels.MAX_FEATURES (not imported: the parent process stays JAX-free)
 
 
 # ================================================================== child: one measurement
@@ -532,8 +532,7 @@ def main_parent(args):
         print(f"\nfp32, {threads} threads; ratios: median over rounds (range)\n{hdr}\n{'-' * len(hdr)}", flush=True)
         for row in grid:
             n, d, N = row
-            # the kernels (mfld.kernels) apply to thin features only: elsewhere mfld_xla is mfld
-            r = bench_row(args, row, [c for c in contenders if c != "mfld_xla" or d + 1 <= MAX_KERNEL_FEATURES])
+            r = bench_row(args, row, contenders)
             sps = r["steps_per_s"]
             m = sps.get("mfld")
             r["gemm_share"] = None if m is None else 4 * n * d * N * m["median"] / ceil["gemm_float32_flops"]

@@ -165,10 +165,14 @@ def _backward_sums(act, w, x, u, plan: ChunkPlan, axis_name=None):
 def _data_blocked(problem, a_eff, w, x, y, scale, plan: ChunkPlan, axis_name):
     """Two-GEMM evaluation over data blocks of ``plan.data`` rows with all particles: each
     block's outputs f_j are complete, so u_j and the block's backward GEMM follow at once.
-    Returns (f, u, G, H) with G_i = sum_j u_j sigma_ij and H_i = sum_j u_j sigma'_ij x_j."""
+    Returns (f, u, G, H) with G_i = sum_j u_j sigma_ij and H_i = sum_j u_j sigma'_ij x_j.
+    With the wide-feature kernels (:func:`mfld.kernels.applies_wide`) each block is their two
+    calls, on blocks of :func:`mfld.kernels.block_rows` rows (not ``plan.data``, which follows
+    the thread count), otherwise XLA's GEMMs and elementwise passes."""
     act = problem.activation
     N, m = w.shape[0], x.shape[0]
-    b = plan.data
+    wide = kernels.applies_wide(act, x)
+    b = kernels.block_rows(m) if wide else plan.data  # wide: the kernels' own row blocks
     nb = -(-m // b)
     xb = _pad_rows(x, nb * b).reshape(nb, b, -1)
     yb = _pad_rows(y, nb * b).reshape(nb, b)
@@ -176,12 +180,17 @@ def _data_blocked(problem, a_eff, w, x, y, scale, plan: ChunkPlan, axis_name):
 
     def body(acc, blk):
         xj, yj, rj = blk
-        s, ds = act.value_and_derivative(w @ xj.T)  # (N, b)
-        fsum = a_eff @ s
+        if wide:
+            fsum, s = kernels.tanh_block_forward(w, a_eff, xj)
+        else:
+            s, ds = act.value_and_derivative(w @ xj.T)  # (N, b)
+            fsum = a_eff @ s
         if axis_name is not None:
             fsum = jax.lax.psum(fsum, axis_name)
         f = scale * fsum
         u = jnp.where(rj, problem.loss.derivative(f, yj), 0.0)
+        if wide:
+            return kernels.tanh_block_backward(s, xj, u, *acc), (f, u)
         return (acc[0] + s @ u, acc[1] + ds @ (u[:, None] * xj)), (f, u)
 
     init = _varying((jnp.zeros(N, x.dtype), jnp.zeros(w.shape, x.dtype)), axis_name)
@@ -235,7 +244,10 @@ def interaction(problem: Problem, a, w, x=None, y=None, *, n_particles=None, act
         f, u, gsum, hsum = _two_passes(problem, y, scale, axis_name,
                                        lambda: kernels.tanh_sums_forward(w, a_eff, x),
                                        lambda u: kernels.tanh_sums_backward(w, x, u))
-    elif plan.particles >= w.shape[0] and plan.data >= m:
+    elif plan.particles >= w.shape[0] and (plan.data < m or kernels.applies_wide(act, x)):
+        # data blocks (two GEMMs, f complete per block), or the wide-feature kernels' blocks
+        f, u, gsum, hsum = _data_blocked(problem, a_eff, w, x, y, scale, plan, axis_name)
+    elif plan.particles >= w.shape[0]:
         # one block: sigma and sigma' together, the forward activations reused backwards
         s, ds = act.value_and_derivative(w @ x.T)  # (N, m) each
         fsum = a_eff @ s
@@ -246,8 +258,6 @@ def interaction(problem: Problem, a, w, x=None, y=None, *, n_particles=None, act
         # u scales the (m, p) rows of x, not the (N, m) block: one pass over the block less
         # (faster with YNNPACK's dot fusion; docs/performance.md)
         gsum, hsum = s @ u, ds @ (u[:, None] * x)
-    elif plan.particles >= w.shape[0]:  # data blocks: two GEMMs, f complete per block
-        f, u, gsum, hsum = _data_blocked(problem, a_eff, w, x, y, scale, plan, axis_name)
     else:  # particle blocks: the backward pass recomputes w x^T blockwise
         f, u, gsum, hsum = _two_passes(problem, y, scale, axis_name,
                                        lambda: _forward_sum(act, a_eff, w, x, plan, axis_name),

@@ -50,11 +50,3 @@ def test_a_row_is_publishable_by_its_foreign_load_not_the_lagging_load_average()
     pub = _bench().publishable
     assert pub({"foreign_load": 0.01, "load_avg_before": 1.6}, 0.5)
     assert not pub({"foreign_load": 0.8, "load_avg_before": 0.1}, 0.5)
-
-
-def test_the_xla_path_contender_runs_where_the_kernels_apply():
-    """bench_step's parent stays JAX-free, so it keeps its own copy of the kernels' feature
-    limit: the two must agree, or the 'x XLA path' column would compare mfld with itself."""
-    from mfld import kernels
-
-    assert _bench().MAX_KERNEL_FEATURES == kernels.MAX_FEATURES

@@ -160,14 +160,19 @@ THREADS_SCRIPT = textwrap.dedent("""
     pr = Problem.create(x, np.tanh(x[:, 0]), activation="tanh", lam=0.1, tau=0.01, bias=True, dtype=jnp.float32)
     s = dynamics.init_particles(pr, 5000, 0)
     s = loop.run_segment(pr, s, dynamics.Langevin(0.01), 5, False)
-    print(kernels.status(), hashlib.sha256(np.asarray(s.w).tobytes() + np.asarray(s.a).tobytes()).hexdigest())
+    xw = rng.standard_normal((700, 20))  # p = 21: the wide-feature block kernels
+    pw = Problem.create(xw, np.tanh(xw[:, 0]), activation="tanh", lam=0.1, tau=0.01, bias=True, dtype=jnp.float32)
+    sw = loop.run_segment(pw, dynamics.init_particles(pw, 3001, 0), dynamics.Langevin(0.01), 3, False)
+    print(kernels.status(), hashlib.sha256(np.asarray(s.w).tobytes() + np.asarray(s.a).tobytes()
+                                           + np.asarray(sw.w).tobytes() + np.asarray(sw.a).tobytes()).hexdigest())
 """)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
 def test_steps_are_bit_identical_for_any_thread_count():
-    """The kernels' chunks depend on the shapes only, so a thin tanh run is the same bits on
-    1 and 2 threads (the XLA path's block sizes follow the thread count)."""
+    """The kernels' chunks depend on the shapes only, so a thin (p = 3) and a wide (p = 21)
+    tanh run are the same bits on 1 and 2 threads (the XLA path's block sizes follow the
+    thread count; the wide kernels' row blocks do not: kernels.BLOCK_ROWS)."""
     env = {**os.environ, "PYTHONPATH": ROOT}
     outs = [subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(t)], capture_output=True, text=True,
                            env=env, timeout=300) for t in (1, 2)]
@@ -201,3 +206,96 @@ def test_a_kernel_that_fails_its_self_test_is_not_used(monkeypatch):
         monkeypatch.undo()
         kernels._registered.cache_clear()
     assert kernels.status() == "on"
+
+
+# ------------------------------------------------------------------ wide features (p > 9)
+# tanh_blocks.cc: per data block, S = tanh(w x^T) with F = a S (forward) and G += S u,
+# H += (1 - S^2)(u x) (backward). Error model as above: z is a float32 sum of p products (one
+# chain per element), F a sum over the chunks' chains of particles, G/H sums over the b rows.
+
+@pytest.mark.parametrize("N,p,b", [(19, 10, 16), (1003, 37, 48), (4099, 101, 256), (7, 130, 32), (600, 17, 16)])
+def test_block_kernels_against_float64(N, p, b):
+    """N not a multiple of the 6-particle tile, p not a multiple of the 16-feature panel, b from
+    one panel up; G and H are accumulated onto nonzero inputs (the in-place update)."""
+    rng = np.random.default_rng(N + p + b)
+    w = (rng.standard_normal((N, p)) / np.sqrt(p) * 1.5).astype(np.float32)
+    a = rng.standard_normal(N).astype(np.float32)
+    x = rng.standard_normal((b, p)).astype(np.float32)
+    u = rng.standard_normal(b).astype(np.float32)
+    g0 = rng.standard_normal(N).astype(np.float32)
+    h0 = rng.standard_normal((N, p)).astype(np.float32)
+    f, s = jax.jit(kernels.tanh_block_forward)(w, a, x)
+    g, h = jax.jit(kernels.tanh_block_backward)(s, x, u, jnp.asarray(g0), jnp.asarray(h0))
+    f, s, g, h = (np.asarray(v, np.float64) for v in (f, s, g, h))
+    assert f.shape == (b,) and s.shape == (N, b) and g.shape == (N,) and h.shape == (N, p)
+    w64, a64, x64, u64 = (v.astype(np.float64) for v in (w, a, x, u))
+    z = w64 @ x64.T
+    t = np.tanh(z)
+    # S: tanh's 5 ulp plus the float32 dot product's error (p eps32 sum |w x|) through tanh' <= 1
+    zb = p * EPS32 * (np.abs(w64) @ np.abs(x64).T)
+    assert np.all(np.abs(s - t) <= 5 * np.spacing(np.abs(t).astype(np.float32)) + zb + 1e-30)
+    # each term of F, G, H carries the error of its S (<= the bound above) besides the sum's own
+    terr = 5 * EPS32 + zb.max()
+    np.testing.assert_array_less(np.abs(f - a64 @ t),
+                                 _bound(N, np.abs(a64) @ np.abs(t)) + terr * np.abs(a64).sum() + 1e-30)
+    np.testing.assert_array_less(np.abs(g - g0 - t @ u64),
+                                 _bound(b, np.abs(t) @ np.abs(u64)) + terr * np.abs(u64).sum() + np.abs(g0) * EPS32)
+    uxa = np.abs(u64[:, None] * x64)
+    hb = _bound(b, (1 - t ** 2) @ uxa) + 2 * terr * uxa.sum(axis=0) + np.abs(h0) * EPS32
+    np.testing.assert_array_less(np.abs(h - h0 - (1 - t ** 2) @ (u64[:, None] * x64)), hb)
+
+
+def test_block_rows_must_be_a_multiple_of_16():
+    w = jnp.ones((5, 12), jnp.float32)
+    with pytest.raises(Exception, match="multiple of 16"):
+        kernels.tanh_block_forward(w, jnp.ones(5, jnp.float32), jnp.ones((10, 12), jnp.float32))
+    assert [kernels.block_rows(m) for m in (10, 256, 257, 300, 4096)] == [16, 256, 144, 160, 256]
+
+
+@pytest.mark.parametrize("n,kw", [(40, {}), (333, {"output": "bounded"}), (300, {"scaling": "ntk"}),
+                                  (1000, {"output": "fixed"})])
+def test_wide_interaction_equals_the_xla_path(monkeypatch, n, kw):
+    """p = 12: the block kernels (rows padded to multiples of 16, padding particles masked)
+    against XLA's one block (n = 40, 300, 333) and data blocks (n = 1000, plan below)."""
+    pr = _problem(p=12, n=n, **kw)
+    rng = np.random.default_rng(4)
+    N = 203
+    a = jnp.asarray(rng.standard_normal(N), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((N, 12)) / 3, jnp.float32)
+    active = jnp.arange(N) < 190
+    plan = network.ChunkPlan(N, 128) if n == 1000 else None
+    outs = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(kernels.ENV_SWITCH, switch)
+        assert kernels.applies_wide(pr.activation, pr.x) == (switch == "1")
+        fn = jax.jit(lambda a, w: network.interaction(pr, a, w, active=active, n_particles=190, plan=plan))
+        outs[switch] = [np.asarray(v, np.float64) for v in fn(a, w)]
+    for k, x in zip(outs["1"], outs["0"], strict=True):
+        scale = np.abs(x).max() + 1e-30
+        assert np.abs(k - x).max() <= 2e-5 * scale  # ~170 eps32: sums of up to 1000 terms, two orders
+    assert np.all(outs["1"][3][190:] == 0) and np.all(outs["1"][4][190:] == 0)  # padding: no interaction drift
+
+
+def test_applies_wide_only_above_the_thin_kernels():
+    tanh = get_activation("tanh")
+    assert not kernels.applies_wide(tanh, jnp.ones((4, 9), jnp.float32))  # the thin kernels' range
+    assert kernels.applies_wide(tanh, jnp.ones((4, 10), jnp.float32))
+    assert not kernels.applies_wide(get_activation("sigmoid"), jnp.ones((4, 10), jnp.float32))
+    with jax.enable_x64(True):
+        assert not kernels.applies_wide(tanh, jnp.ones((4, 10), jnp.float64))
+
+
+def test_vmapped_block_calls_equal_single_calls():
+    rng = np.random.default_rng(6)
+    w = jnp.asarray(rng.standard_normal((3, 50, 11)), jnp.float32)
+    a = jnp.asarray(rng.standard_normal((3, 50)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((16, 11)), jnp.float32)
+    g0, h0 = jnp.zeros((3, 50), jnp.float32), jnp.zeros((3, 50, 11), jnp.float32)
+    f, s = jax.vmap(kernels.tanh_block_forward, in_axes=(0, 0, None))(w, a, x)
+    g, h = jax.vmap(kernels.tanh_block_backward, in_axes=(0, None, 0, 0, 0))(s, x, f, g0, h0)
+    for k in range(3):
+        fk, sk = kernels.tanh_block_forward(w[k], a[k], x)
+        np.testing.assert_array_equal(f[k], fk)
+        gk, hk = kernels.tanh_block_backward(sk, x, fk, g0[k], h0[k])
+        np.testing.assert_array_equal(g[k], gk)
+        np.testing.assert_array_equal(h[k], hk)

@@ -39,6 +39,19 @@ def needs_cpu_option():
                      f"path is NOT tested (re-check mfld/xla.py, NOTES.md)")
 
 
+@pytest.fixture
+def xla_path(monkeypatch):
+    """The fusion is XLA's: float32 tanh drifts with p > 9 take mfld's compiled block kernels
+    (mfld.kernels) unless MFLD_KERNELS=0; compiled programs of the other path are dropped."""
+    from mfld import kernels
+
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    jax.clear_caches()
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
 def _case(dtype, n=2048, d=40, N=1024, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, d)) / np.sqrt(d)
@@ -53,7 +66,7 @@ def _drift(problem, a, w):
     return r.f, r.grad_a, r.grad_w
 
 
-@pytest.mark.usefixtures("needs_cpu_option")
+@pytest.mark.usefixtures("needs_cpu_option", "xla_path")
 def test_compiled_step_fuses_the_activation_into_the_dot():
     problem, a, w = _case(jnp.float32)
     state = dynamics.ParticleState(a, w, jnp.asarray(0, jnp.int32), dynamics.dynamics_keys(0)[1])
@@ -72,7 +85,7 @@ def test_compiled_step_fuses_the_activation_into_the_dot():
     assert not tanh_in_ynn(plain)
 
 
-@pytest.mark.usefixtures("needs_cpu_option")
+@pytest.mark.usefixtures("needs_cpu_option", "xla_path")
 def test_fused_float32_drift_is_float32_accurate():
     with jax.enable_x64(True):
         p64, a64, w64 = _case(jnp.float64)
