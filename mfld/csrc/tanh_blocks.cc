@@ -79,6 +79,12 @@ struct Avx2Broadcast {
     t = B::at(t5); c50 += t * b0; c51 += t * b1;     \
   }
 
+#define MFLD_HALF_TILE_STEP(b0, t0, t1, t2, t3, t4, t5)                                    \
+  {                                                                                        \
+    c00 += B::at(t0) * b0; c10 += B::at(t1) * b0; c20 += B::at(t2) * b0;                   \
+    c30 += B::at(t3) * b0; c40 += B::at(t4) * b0; c50 += B::at(t5) * b0;                   \
+  }
+
 // Forward over particles [i0, i1) (a multiple of kMR apart; rows >= n are zero): S rows and
 // this chunk's F partial sums f_part (b,). xp: x packed as (b / 16) panels of (p, 16).
 template <class B>
@@ -141,14 +147,22 @@ MFLD_INLINE void backward_chunk_impl(int64_t n, int64_t p, int64_t b, const floa
     }
     for (int64_t q = 0; q < panels; ++q) {
       const float* uq = up + q * b * kNR;
+      const int64_t width = std::min<int64_t>(kNR, p - q * kNR);
       MFLD_TILE_ZERO;
-      for (int64_t j = 0; j < b; ++j) {
-        const v8 b0 = load(uq + j * kNR), b1 = load(uq + j * kNR + kLanes);
-        const float* dj = ds + j;
-        MFLD_TILE_STEP(b0, b1, dj, dj + b, dj + 2 * b, dj + 3 * b, dj + 4 * b, dj + 5 * b)
+      if (width > kLanes) {
+        for (int64_t j = 0; j < b; ++j) {
+          const v8 b0 = load(uq + j * kNR), b1 = load(uq + j * kNR + kLanes);
+          const float* dj = ds + j;
+          MFLD_TILE_STEP(b0, b1, dj, dj + b, dj + 2 * b, dj + 3 * b, dj + 4 * b, dj + 5 * b)
+        }
+      } else {  // a last panel of <= 8 features: half the tile (the other half would be zeros)
+        for (int64_t j = 0; j < b; ++j) {
+          const v8 b0 = load(uq + j * kNR);
+          const float* dj = ds + j;
+          MFLD_HALF_TILE_STEP(b0, dj, dj + b, dj + 2 * b, dj + 3 * b, dj + 4 * b, dj + 5 * b)
+        }
       }
       const v8 c[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-      const int64_t width = std::min<int64_t>(kNR, p - q * kNR);
       for (int r = 0; r < kMR && i + r < n; ++r) {
         alignas(32) float t[kNR];
         store(t, c[r][0]);
