@@ -20,7 +20,9 @@ within a memory budget and a block's activations stay in cache. Two blocked eval
 For tanh networks with thin features (p <= 9) in float32 on CPU, :func:`interaction` hands
 the two particle sums to the compiled kernels of :mod:`mfld.kernels` instead (one pass per
 sum, tanh once per pair and pass, nothing of size (N, m) in memory); the blocking then does
-not apply.
+not apply. With wide features (p > 9) the one-block and data-block plans run each block's
+two GEMMs as the compiled block kernels (tanh, ``a S``, ``1 - S^2`` and ``S u`` inside the
+GEMMs' register tiles), over blocks of :func:`mfld.kernels.block_rows` rows.
 
 Autodiff of :func:`finite_loss` is the test oracle, and :func:`autodiff_drift` is the drift
 computed that way.

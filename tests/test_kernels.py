@@ -1,4 +1,5 @@
-"""The compiled tanh kernels of thin-feature drifts (mfld.kernels, mfld/csrc/tanh_sums.cc).
+"""The compiled tanh kernels of the drift (mfld.kernels; mfld/csrc/tanh_sums.cc for thin
+features, mfld/csrc/tanh_blocks.cc for wide ones).
 
 Error model. The kernels compute in float32: tanh by XLA's rational approximation (at most
 5 ulp; docs/performance.md measured 4.4 for XLA's own), each output a sum of float32 terms

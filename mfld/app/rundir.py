@@ -479,7 +479,7 @@ def environment(seed: int, precision: str) -> dict:
         "cpu_threads": cpu_threads(),
         # XLA options the programs were compiled with (mfld.xla; change float32 rounding only)
         "xla_compiler_options": compiler_options(),
-        # the compiled tanh kernels of thin-feature drifts (mfld.kernels): "on" or why not
+        # the compiled tanh kernels of the drift (mfld.kernels): "on" or why not
         "kernels": kernel_status(),
         "x64": bool(jax.config.jax_enable_x64),
         "precision": precision,
